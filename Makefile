@@ -1,0 +1,52 @@
+# pmu: every set-up step a fresh machine needs is here; `make demo` and `make test` are all a user runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO := build/demo
+
+.PHONY: all venv test lint demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Tools the tests compare against (perf, sqlite3) and build with (gcc); installed only where missing.
+.tools:
+	@command -v gcc >/dev/null && command -v perf >/dev/null && command -v sqlite3 >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq gcc linux-perf sqlite3 libsqlite3-0 >/dev/null)
+	@touch .tools
+
+test: $(STAMP) .tools lint
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pmu tests benchmarks
+	$(VENV)/bin/ruff format --check pmu
+	$(VENV)/bin/mypy --strict pmu
+
+$(DEMO)/hot: tests/targets/hot.c
+	mkdir -p $(DEMO)
+	gcc -O1 -g -o $@ $<
+
+demo: $(STAMP) $(DEMO)/hot
+	@echo "== pmu stat: two probed functions in a small program"
+	$(VENV)/bin/pmu stat -e uprobe:$(DEMO)/hot:work -e uprobe:$(DEMO)/hot:work2 -- $(DEMO)/hot 100000
+	@echo "== pmu stat: sqlite3_step in the sqlite3 shell, CSV as perf stat -x,"
+	$(VENV)/bin/pmu stat -x, -e uprobe:libsqlite3:sqlite3_step -- sqlite3 :memory: \
+	  'create table t(x); insert into t values (1),(2),(3); select * from t;'
+	@echo "== pmu list: probeable functions"
+	$(VENV)/bin/pmu list $(DEMO)/hot 'work*'
+
+bench: $(STAMP) .tools
+	@command -v ltrace >/dev/null || (apt-get update -qq && apt-get install -y -qq ltrace >/dev/null)
+	$(PY) benchmarks/bench_stat.py
+
+clean:
+	rm -rf build .tools .pytest_cache .mypy_cache .ruff_cache

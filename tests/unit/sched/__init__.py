@@ -1,0 +1,1 @@
+"""Scheduler unit tests: EventContext and Scheduler against the recording FakePmu."""
