@@ -1,1 +1,1 @@
-"""Events: what a user asks for (EventAttr, ProbeSpec), where it lands (symbols) and its live state (Event)."""
+"""Events: what a user asks for (EventAttr, ProbeSpec), where it lands (symbols), its live state (Event)."""

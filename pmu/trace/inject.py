@@ -1,0 +1,81 @@
+"""Syscalls run inside a stopped tracee: mmap and munmap of the out-of-line area, as gdb runs infcalls.
+
+The thread's registers and the two code bytes we borrow are restored exactly; a signal that arrives
+meanwhile is handed back to the caller to deliver later, unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from pmu.errors import TraceError
+from pmu.trace import ptrace_ops as pt
+from pmu.trace.tasks import AddressSpace
+
+SYSCALL_INSN = b"\x0f\x05"
+RED_ZONE = 128
+
+SYS_MMAP = 9
+SYS_MUNMAP = 11
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
+
+
+def inject_syscall(tid: int, mm: AddressSpace, nr: int, *args: int) -> tuple[int, list[int]]:
+    """Run syscall `nr` in stopped thread `tid`; return (result, signals that arrived meanwhile).
+
+    Every thread of `mm` must be stopped. The result is the raw rax (negative errno on failure).
+    """
+    saved = pt.get_regs(tid)
+    regs = pt.copy_regs(saved)
+    at = saved.rip
+    orig = mm.read(at, len(SYSCALL_INSN))
+    regs.rax = nr
+    regs.orig_rax = -1 & 0xFFFFFFFFFFFFFFFF  # no syscall restart for the borrowed registers
+    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
+        setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
+    regs.rsp = (saved.rsp - RED_ZONE) & ~0xF
+    pending: list[int] = []
+    mm.write(at, SYSCALL_INSN)
+    try:
+        pt.set_regs(tid, regs)
+        while True:
+            pt.singlestep(tid)
+            _, status = pt.wait(tid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                raise TraceError(f"thread {tid} died while pmu ran a syscall in it")
+            sig = os.WSTOPSIG(status)
+            if sig == signal.SIGTRAP and status >> 16 == 0:
+                now = pt.get_regs(tid)
+                if now.rip == at + len(SYSCALL_INSN):
+                    result = int(now.rax)
+                    break
+            elif status >> 16 == 0:
+                pending.append(sig)  # a real signal: deliver it later, at the original place
+            # PTRACE_EVENT stops (interrupt, exit) cannot complete the step: step again.
+    finally:
+        mm.write(at, orig)
+        pt.set_regs(tid, saved)
+    if result >= 1 << 63:
+        result -= 1 << 64
+    return result, pending
+
+
+def mmap_near(tid: int, mm: AddressSpace, hint: int, size: int) -> tuple[int, list[int]]:
+    """Map `size` bytes r-x at exactly `hint` (MAP_FIXED_NOREPLACE); returns (address or -errno, signals)."""
+    return inject_syscall(
+        tid,
+        mm,
+        SYS_MMAP,
+        hint,
+        size,
+        PROT_READ | PROT_EXEC,
+        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+        -1,
+        0,
+    )
+
+
+def munmap(tid: int, mm: AddressSpace, addr: int, size: int) -> tuple[int, list[int]]:
+    return inject_syscall(tid, mm, SYS_MUNMAP, addr, size)

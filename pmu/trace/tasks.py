@@ -1,0 +1,114 @@
+"""Traced tasks (threads) and the address spaces they share; where tracee memory is read and written."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from pmu.trace.maps import Mapping, read_maps
+
+
+class TaskState(Enum):
+    """Where a traced thread is, as far as the tracer knows."""
+
+    NEW = "new"
+    """Reported by its parent's clone/fork event but not yet in its first stop."""
+    RUNNING = "running"
+    """Resumed by us; may stop at any moment."""
+    STOPPED = "stopped"
+    """In a ptrace-stop that we have not resumed yet."""
+    GROUP_STOPPED = "group-stopped"
+    """In a group-stop (SIGSTOP and friends), listened to with PTRACE_LISTEN."""
+    EXITED = "exited"
+    """Gone."""
+
+
+@dataclass(eq=False)
+class Task:
+    """One traced thread. Satisfies pmu.core.Task."""
+
+    tid: int
+    pid: int
+    mm: AddressSpace
+    state: TaskState = TaskState.NEW
+    detach_on_stop: bool = False
+    """Detach at its first stop (a forked child nobody counts)."""
+    _comm: str | None = None
+
+    @property
+    def comm(self) -> str:
+        if self.state is not TaskState.EXITED:
+            try:
+                with open(f"/proc/{self.pid}/task/{self.tid}/comm") as f:
+                    self._comm = f.read().strip()
+            except OSError:
+                pass
+        return self._comm or "?"
+
+    def remember_comm(self) -> None:
+        """Read the command name now, while /proc still has it."""
+        _ = self.comm
+
+    def __repr__(self) -> str:
+        return f"Task({self.tid}/{self.pid} {self.state.value})"
+
+
+BreakpointHandler = Callable[[Task], None]
+
+
+@dataclass(eq=False)
+class Breakpoint:
+    """An int3 at `addr`, shared by every consumer that asked for that address (reference-counted)."""
+
+    addr: int
+    orig: bytes
+    """The byte the int3 replaced."""
+    slot: int
+    """Address of the out-of-line copy of the displaced instruction (followed by a jump back)."""
+    consumers: list[BreakpointHandler] = field(default_factory=list)
+
+
+@dataclass
+class SlotArea:
+    """A page range mapped r-x inside the tracee for out-of-line slots; slots are never reused."""
+
+    base: int
+    size: int
+    used: int = 0
+
+
+class AddressSpace:
+    """One mm: the memory shared by a process's threads (and a vfork child until it execs)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tasks: set[Task] = set()
+        self.breakpoints: dict[int, Breakpoint] = {}
+        self.removed: set[int] = set()
+        """Addresses whose int3 we removed: a trap already raised there is ours and is rewound."""
+        self.areas: list[SlotArea] = []
+        self.internal: dict[int, str] = {}
+        """Tracer-owned breakpoints (address -> purpose), such as the dynamic linker's r_brk."""
+        self.dead = False
+        self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+
+    def read(self, addr: int, size: int) -> bytes:
+        return os.pread(self._fd, size, addr)
+
+    def write(self, addr: int, data: bytes) -> None:
+        done = os.pwrite(self._fd, data, addr)
+        if done != len(data):
+            raise OSError(f"short write at {addr:#x}")
+
+    def maps(self) -> list[Mapping]:
+        return read_maps(self.pid)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __repr__(self) -> str:
+        return f"AddressSpace({self.pid}, {len(self.breakpoints)} bps)"

@@ -1,0 +1,499 @@
+"""The tracer's event loop: launch or seize tasks, follow clone/fork/exec/exit, run breakpoints, clean up.
+
+One stop per hit: at our int3 the tracer calls the breakpoint's consumers, points RIP at the
+out-of-line slot (relocated displaced instruction + jump back) and resumes. Everything that is not ours
+(the tracee's own SIGTRAPs, int3s and other signals) is passed on unchanged. The tracer knows nothing of
+events: it reports lifecycle changes to a TraceListener and hits to breakpoint consumers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissionError
+from pmu.trace import inject
+from pmu.trace import ptrace_ops as pt
+from pmu.trace.maps import PAGE, free_gap_near
+from pmu.trace.relocate import SLOT_SIZE, build_slot
+from pmu.trace.rtld import debug_state_address
+from pmu.trace.tasks import AddressSpace, Breakpoint, BreakpointHandler, SlotArea, Task, TaskState
+
+INT3 = b"\xcc"
+AREA_SIZE = 16 * PAGE
+NEAR = (1 << 31) - AREA_SIZE - PAGE
+
+
+class TraceListener(Protocol):
+    """What the layer above (the evlist) hears from the tracer."""
+
+    def task_new(self, task: Task, parent: Task, fork: bool) -> None:
+        """`task` was created by `parent`: a thread (fork=False) or a process (fork=True)."""
+
+    def task_exec(self, task: Task) -> None:
+        """`task` exec'd: its old address space and breakpoints are gone."""
+
+    def task_exit(self, task: Task) -> None:
+        """`task` is exiting (still inspectable) or has exited."""
+
+    def maps_changed(self, mm: AddressSpace) -> None:
+        """Files may have been mapped or unmapped in `mm` (exec, dlopen, dlclose)."""
+
+    def wants(self, task: Task) -> bool:
+        """Whether anything counts on a new process `task` (if not, the tracer lets it go)."""
+        ...
+
+
+class Tracer:
+    """Owns every traced task; the only place that waits for and resumes them."""
+
+    def __init__(self, listener: TraceListener) -> None:
+        self.listener = listener
+        self.tasks: dict[int, Task] = {}
+        self.pending: deque[tuple[int, int]] = deque()
+        """Wait statuses collected while stopping threads, handled before waiting again."""
+        self.early: dict[int, int] = {}
+        """First stops of new tasks that arrived before their parent's clone/fork event."""
+        self.root: Task | None = None
+        self.root_status: int | None = None
+        self._stopping: dict[AddressSpace, int] = {}
+        self._stopped_by_us: dict[AddressSpace, list[Task]] = {}
+
+    # ---- starting -------------------------------------------------------------------------------
+
+    def launch(self, argv: Sequence[str], exe: str) -> Task:
+        """Fork a child that waits on a pipe, seize it, then let it exec `exe` with `argv`.
+
+        The child is stopped at its exec event when this returns, nothing of the command has run.
+        """
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                os.close(wfd)
+                os.read(rfd, 1)
+                os.close(rfd)
+                os.execv(exe, list(argv))
+            except BaseException:
+                pass
+            os._exit(127)
+        os.close(rfd)
+        mm = AddressSpace(pid)
+        try:
+            pt.seize(pid, pt.TRACE_OPTIONS | pt.O_EXITKILL)
+        except Exception as err:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise TraceError(f"cannot trace the command: {err}") from None
+        task = Task(tid=pid, pid=pid, mm=mm, state=TaskState.RUNNING)
+        mm.tasks.add(task)
+        self.tasks[pid] = task
+        self.root = task
+        os.write(wfd, b"g")
+        os.close(wfd)
+        # Wait for the exec event (or the child's death if exec failed).
+        while True:
+            tid, status = pt.wait(pid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                self.tasks.pop(pid, None)
+                raise ProcessError(f"cannot run '{argv[0]}'")
+            if status >> 16 == pt.EVENT_EXEC:
+                task.state = TaskState.STOPPED
+                self._exec_mm(task)
+                return task
+            if status >> 16 == 0:
+                pt.cont(pid, os.WSTOPSIG(status))
+            else:
+                pt.cont(pid, 0)
+
+    def start(self, task: Task) -> None:
+        """Arm the dynamic linker hook in the launched task's image and let it run."""
+        self._hook_rtld(task)
+        self.listener.maps_changed(task.mm)
+        self._resume(task)
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Handle stops until no traced task is left."""
+        self._loop(False)
+
+    def run_until_root_exits(self) -> None:
+        """Handle stops until the launched command itself has exited (as perf stat waits for it)."""
+        self._loop(True)
+
+    def _loop(self, root_only: bool) -> None:
+        handle = self._handle
+        wait = pt.wait
+        pending = self.pending
+        while self.tasks and not (root_only and self.root_status is not None):
+            if pending:
+                tid, status = pending.popleft()
+            else:
+                try:
+                    tid, status = wait(-1)
+                except ChildProcessError:
+                    break
+            handle(tid, status)
+
+    def _handle(self, tid: int, status: int) -> None:
+        task = self.tasks.get(tid)
+        if task is None:
+            self._unknown(tid, status)
+            return
+        if (status & 0xFF) == 0x7F:  # stopped
+            sig = (status >> 8) & 0xFF
+            event = status >> 16
+            if event == 0:
+                if sig == signal.SIGTRAP:
+                    self._trap(task)
+                else:
+                    self._signal(task, sig)
+            else:
+                task.state = TaskState.STOPPED
+                self._event(task, event, sig)
+        else:
+            self._exited(task, status)
+
+    def _trap(self, task: Task) -> None:
+        tid = task.tid
+        try:
+            rip = pt.peek_user(tid, pt.RIP)
+            bp = task.mm.breakpoints.get(rip - 1)
+            if bp is not None or (rip - 1) in task.mm.removed:
+                _, code = pt.siginfo_code(tid)
+                if code == pt.SI_KERNEL:
+                    if bp is None:  # hit a breakpoint another thread removed meanwhile: rewind
+                        pt.poke_user(tid, pt.RIP, rip - 1)
+                    else:
+                        for consumer in bp.consumers:
+                            consumer(task)
+                        pt.poke_user(tid, pt.RIP, bp.slot)
+                    pt.cont(tid, 0)
+                    return
+            task.state = TaskState.STOPPED
+            self._signal(task, signal.SIGTRAP)
+        except pt.PtraceError as err:
+            if not pt.is_gone(err):
+                raise
+
+    def _signal(self, task: Task, sig: int) -> None:
+        """A signal-delivery-stop for a signal that is not ours: deliver it unchanged."""
+        task.state = TaskState.STOPPED
+        self._resume(task, sig)
+
+    def _event(self, task: Task, event: int, sig: int) -> None:
+        if event == pt.EVENT_STOP:
+            if task.detach_on_stop:
+                self._detach_task(task)
+                return
+            if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+                task.state = TaskState.GROUP_STOPPED
+                with contextlib.suppress(pt.PtraceError):
+                    pt.listen(task.tid)
+                return
+            self._resume(task)
+        elif event in (pt.EVENT_CLONE, pt.EVENT_FORK, pt.EVENT_VFORK):
+            self._new_task(task, event)
+            self._resume(task)
+        elif event == pt.EVENT_EXEC:
+            self._exec(task)
+            self._resume(task)
+        elif event == pt.EVENT_EXIT:
+            task.remember_comm()
+            self.listener.task_exit(task)
+            self._resume(task)
+        else:
+            self._resume(task)
+
+    def _unknown(self, tid: int, status: int) -> None:
+        """A stop of a task whose parent's clone/fork event we have not seen yet: hold it."""
+        if (status & 0xFF) == 0x7F:
+            self.early[tid] = status
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def _new_task(self, parent: Task, event: int) -> None:
+        child_tid = pt.event_msg(parent.tid)
+        thread = False
+        if event == pt.EVENT_CLONE:
+            thread = _tgid(child_tid) == parent.pid
+        if thread or event == pt.EVENT_VFORK:
+            mm = parent.mm  # shared memory: a thread, or a vfork child until it execs
+        else:
+            mm = AddressSpace(child_tid)
+            # The child holds a copy of every breakpoint and slot; nobody owns them until re-added.
+            for addr, bp in parent.mm.breakpoints.items():
+                mm.breakpoints[addr] = Breakpoint(addr, bp.orig, bp.slot)
+            mm.areas = [SlotArea(a.base, a.size, a.used) for a in parent.mm.areas]
+            mm.internal = dict(parent.mm.internal)
+            for addr in mm.internal:
+                mm.breakpoints[addr].consumers.append(self._rtld_hit)
+        child = Task(tid=child_tid, pid=parent.pid if thread else child_tid, mm=mm)
+        mm.tasks.add(child)
+        self.tasks[child_tid] = child
+        self.listener.task_new(child, parent, fork=not thread)
+        if mm is not parent.mm:
+            if not self.listener.wants(child):
+                # Nobody counts this child: take every byte of ours out of its memory and let it go.
+                for bp in list(mm.breakpoints.values()):
+                    bp.consumers.clear()
+                child.detach_on_stop = True
+            self.collect(mm)  # whatever no event re-added is restored in the child
+        early = self.early.pop(child_tid, None)
+        if early is not None:
+            self.pending.append((child_tid, early))
+
+    def _exec(self, task: Task) -> None:
+        former = pt.event_msg(task.tid)
+        if former != task.tid:  # a non-leader thread exec'd and took the leader's tid
+            leader = self.tasks.pop(task.tid, None)
+            if leader is not None and leader is not task:
+                self._forget(leader)
+            self.tasks.pop(former, None)
+            self.tasks[task.tid] = task
+        # Every other thread of the old image is gone.
+        for other in list(task.mm.tasks):
+            if other is not task and other.pid == task.pid:
+                self.listener.task_exit(other)
+                self._forget(other)
+        self._exec_mm(task)
+        self.listener.task_exec(task)
+        self._hook_rtld(task)
+        self.listener.maps_changed(task.mm)
+
+    def _exec_mm(self, task: Task) -> None:
+        old = task.mm
+        old.tasks.discard(task)
+        if not old.tasks:
+            old.dead = True
+            old.close()
+        task.pid = task.tid
+        task.mm = AddressSpace(task.tid)
+        task.mm.tasks.add(task)
+
+    def _exited(self, task: Task, status: int) -> None:
+        if task.state is not TaskState.EXITED:
+            self.listener.task_exit(task)
+        if task is self.root:
+            self.root_status = status
+        self._forget(task)
+
+    def _forget(self, task: Task) -> None:
+        task.state = TaskState.EXITED
+        if self.tasks.get(task.tid) is task:
+            del self.tasks[task.tid]
+        task.mm.tasks.discard(task)
+        if not task.mm.tasks:
+            task.mm.dead = True
+            task.mm.close()
+
+    # ---- the dynamic linker rendezvous ----------------------------------------------------------
+
+    def _hook_rtld(self, task: Task) -> None:
+        """Break on the dynamic linker's _dl_debug_state, called after every change of the link map."""
+        addr = debug_state_address(task.pid)
+        if addr is not None and addr not in task.mm.breakpoints:
+            self.insert(task.mm, addr, self._rtld_hit)
+            task.mm.internal[addr] = "r_brk"
+
+    def _rtld_hit(self, task: Task) -> None:
+        self.listener.maps_changed(task.mm)
+
+    # ---- breakpoints ----------------------------------------------------------------------------
+
+    def insert(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None:
+        """Add `consumer` to the int3 at `addr` (writing it, with every thread of mm stopped, if new)."""
+        bp = mm.breakpoints.get(addr)
+        if bp is not None:
+            bp.consumers.append(consumer)
+            return
+        with self.stopped(mm) as stopped_tid:
+            code = mm.read(addr, 16)
+            if code[:1] == INT3:
+                raise RelocationError(
+                    f"there is already an int3 at {addr:#x} (another debugger's breakpoint?)"
+                )
+            slot = self._alloc_slot(mm, addr, stopped_tid)
+            body, _ = build_slot(code, addr, slot)
+            mm.write(slot, body)
+            mm.write(addr, INT3)
+            mm.removed.discard(addr)
+            mm.breakpoints[addr] = Breakpoint(addr, code[:1], slot, [consumer])
+
+    def remove(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None:
+        """Drop `consumer` from the int3 at `addr`; restore the original byte when it was the last."""
+        self._remove(mm, addr, consumer)
+
+    def _remove(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None:
+        bp = mm.breakpoints.get(addr)
+        if bp is None:
+            return
+        with contextlib.suppress(ValueError):
+            bp.consumers.remove(consumer)
+        if not bp.consumers:
+            self._restore(mm, bp)
+
+    def _restore(self, mm: AddressSpace, bp: Breakpoint) -> None:
+        del mm.breakpoints[bp.addr]
+        mm.internal.pop(bp.addr, None)
+        if mm.dead:
+            return
+        with self.stopped(mm):
+            with contextlib.suppress(OSError):
+                mm.write(bp.addr, bp.orig)
+            mm.removed.add(bp.addr)
+
+    def forget_mapping(self, mm: AddressSpace, addr: int) -> None:
+        """The code at `addr` was unmapped: drop its breakpoint without writing anything."""
+        bp = mm.breakpoints.pop(addr, None)
+        if bp is not None:
+            bp.consumers.clear()
+            mm.internal.pop(addr, None)
+
+    def collect(self, mm: AddressSpace) -> None:
+        """Restore every breakpoint of mm that no consumer holds (after a fork)."""
+        for bp in [b for b in mm.breakpoints.values() if not b.consumers]:
+            self._restore(mm, bp)
+
+    def _alloc_slot(self, mm: AddressSpace, addr: int, tid: int) -> int:
+        for area in mm.areas:
+            if abs(area.base - addr) < NEAR and area.used + SLOT_SIZE <= area.size:
+                slot = area.base + area.used
+                area.used += SLOT_SIZE
+                return slot
+        maps = mm.maps()
+        for _ in range(8):
+            hint = free_gap_near(maps, addr, AREA_SIZE)
+            if hint is None:
+                break
+            base, signals = inject.mmap_near(tid, mm, hint, AREA_SIZE)
+            for sig in signals:
+                self.pending.append((tid, (sig << 8) | 0x7F))
+            if base == hint:
+                mm.areas.append(SlotArea(base, AREA_SIZE, SLOT_SIZE))
+                return base
+            if base > 0 and base < 1 << 47:  # mapped elsewhere: give it back
+                inject.munmap(tid, mm, base, AREA_SIZE)
+            maps = mm.maps()
+        raise TraceError(f"cannot map an out-of-line area near {addr:#x} in process {mm.pid}")
+
+    # ---- stopping and resuming ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def stopped(self, mm: AddressSpace) -> Iterator[int]:
+        """Every thread of mm stopped for the duration; yields the tid of one stopped thread."""
+        depth = self._stopping.get(mm, 0)
+        self._stopping[mm] = depth + 1
+        if depth == 0:
+            self._stopped_by_us[mm] = self._stop_all(mm)
+        try:
+            stopped = [t for t in mm.tasks if t.state in (TaskState.STOPPED, TaskState.NEW)]
+            yield stopped[0].tid if stopped else mm.pid
+        finally:
+            self._stopping[mm] = depth
+            if depth == 0:
+                del self._stopping[mm]
+                for t in self._stopped_by_us.pop(mm):
+                    if t.state is TaskState.STOPPED:
+                        self._resume(t)
+
+    def _stop_all(self, mm: AddressSpace) -> list[Task]:
+        """PTRACE_INTERRUPT every running thread of mm and wait until each is stopped."""
+        waiting = []
+        for t in list(mm.tasks):
+            if t.state is TaskState.RUNNING:
+                try:
+                    pt.interrupt(t.tid)
+                    waiting.append(t)
+                except pt.PtraceError:
+                    pass
+        ours = []
+        for t in waiting:
+            while True:
+                try:
+                    tid, status = pt.wait(t.tid)
+                except ChildProcessError:
+                    self._forget(t)
+                    break
+                if (status & 0xFF) != 0x7F:
+                    self.pending.append((tid, status))
+                    t.state = TaskState.STOPPED
+                    break
+                t.state = TaskState.STOPPED
+                if status >> 16 == pt.EVENT_STOP and (status >> 8) & 0xFF == signal.SIGTRAP:
+                    ours.append(t)  # our interrupt: resume when done
+                else:
+                    self.pending.append((tid, status))  # a real stop: the loop handles it later
+                break
+        return ours
+
+    def _resume(self, task: Task, sig: int = 0) -> None:
+        if self._stopping.get(task.mm):
+            # Patching is under way: the thread resumes when the patch is done.
+            if task not in self._stopped_by_us.get(task.mm, []):
+                self._stopped_by_us.setdefault(task.mm, []).append(task)
+            if sig:
+                self.pending.append((task.tid, (sig << 8) | 0x7F))
+            return
+        try:
+            pt.cont(task.tid, sig)
+            task.state = TaskState.RUNNING
+        except pt.PtraceError as err:
+            if not pt.is_gone(err):
+                raise
+
+    # ---- leaving --------------------------------------------------------------------------------
+
+    def _detach_task(self, task: Task) -> None:
+        with contextlib.suppress(pt.PtraceError):
+            pt.detach(task.tid)
+        self._forget(task)
+
+    def detach_all(self) -> None:
+        """Restore every byte we wrote, and let every task go (used on errors, Ctrl-C and detach)."""
+        for mm in {t.mm for t in self.tasks.values()}:
+            if mm.dead:
+                continue
+            with contextlib.suppress(OSError, pt.PtraceError, TraceError), self.stopped(mm):
+                for bp in list(mm.breakpoints.values()):
+                    bp.consumers.clear()
+                    self._restore(mm, bp)
+        for task in list(self.tasks.values()):
+            self._detach_task(task)
+
+    def kill_all(self) -> None:
+        """SIGKILL every launched task that is still alive (EXITKILL would do it when we exit)."""
+        for task in list(self.tasks.values()):
+            with contextlib.suppress(OSError):
+                os.kill(task.tid, signal.SIGKILL)
+
+
+def _tgid(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def check_traceable(pid: int) -> None:
+    """Raise the one-line error a user needs if `pid` cannot be traced (before trying)."""
+    if not os.path.exists(f"/proc/{pid}"):
+        raise ProcessError(f"no process with pid {pid}")
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:") and int(line.split()[1]) != 0:
+                    raise TracePermissionError(
+                        f"process {pid} is already traced by pid {line.split()[1]} (a debugger?)"
+                    )
+    except OSError:
+        raise ProcessError(f"no process with pid {pid}") from None

@@ -1,0 +1,133 @@
+"""Shared test helpers: build the C targets with gcc, run pmu as a user would, check nothing is left."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ROOT / "tests" / "targets"
+
+
+@pytest.fixture(scope="session")
+def build(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """build("hot") compiles tests/targets/hot.c once per session and returns the binary's path."""
+    out = tmp_path_factory.mktemp("bin")
+    cache: dict[tuple[str, tuple[str, ...]], Path] = {}
+
+    def _build(name: str, *flags: str, suffix: str = "") -> Path:
+        key = (name, flags)
+        if key not in cache:
+            exe = out / (name + suffix)
+            cmd = ["gcc", "-O1", "-g", "-pthread", *flags, "-o", str(exe), str(TARGETS / f"{name}.c")]
+            subprocess.run(cmd, check=True)
+            cache[key] = exe
+        return cache[key]
+
+    return _build
+
+
+def run_pmu(*args: str | os.PathLike[str], timeout: float = 120, cwd: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m pmu ARGS` and return the completed process (text stdout/stderr)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pmu", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
+    )
+
+
+def processes_running(path: Path | str) -> list[int]:
+    """PIDs of live processes whose executable is `path` (none should be left after pmu exits)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            exe = os.readlink(f"/proc/{entry}/exe")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if exe == str(path) and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def stat_counts(stderr: str, sep: str = ",") -> dict[str, int]:
+    """{event: count} from `pmu stat -x SEP` output."""
+    counts: dict[str, int] = {}
+    for line in stderr.splitlines():
+        fields = line.split(sep)
+        if len(fields) >= 3 and fields[0].isdigit():
+            counts[fields[2]] = int(fields[0])
+    return counts
+
+
+def per_thread_counts(stderr: str, sep: str = ",") -> dict[tuple[str, int], int]:
+    """{(event, tid): count} from `pmu stat --per-thread -x SEP` output."""
+    counts: dict[tuple[str, int], int] = {}
+    for line in stderr.splitlines():
+        fields = line.split(sep)
+        if len(fields) >= 4 and fields[1].isdigit():
+            tid = int(fields[0].rsplit("-", 1)[1])
+            counts[(fields[3], tid)] = int(fields[1])
+    return counts
+
+
+def have_kernel_uprobes() -> str | None:
+    """None if `perf probe` can place kernel uprobes here, else the reason to skip."""
+    if os.geteuid() != 0:
+        return "needs root for perf probe"
+    if shutil.which("perf") is None:
+        return "perf is not installed"
+    if not os.path.exists("/sys/kernel/tracing/uprobe_events"):
+        subprocess.run(["mount", "-t", "tracefs", "nodev", "/sys/kernel/tracing"], capture_output=True)
+    if not os.path.exists("/sys/kernel/tracing/uprobe_events"):
+        return "no tracefs uprobe_events (kernel without uprobes?)"
+    return None
+
+
+class KernelUprobes:
+    """Kernel uprobes placed through tracefs at exact file offsets, counted with `perf stat`."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def add(self, name: str, path: str, file_offset: int) -> str:
+        """Place p:pmutest/NAME PATH:0xOFFSET; returns the perf event name."""
+        with open("/sys/kernel/tracing/uprobe_events", "a") as f:
+            f.write(f"p:pmutest/{name} {path}:{file_offset:#x}\n")
+        self.names.append(name)
+        return f"pmutest:{name}"
+
+    def stat(self, events: list[str], argv: list[str], *extra: str) -> dict[str, int]:
+        """Run argv under `perf stat -x,` with the given events; returns {event: count}."""
+        args = ["perf", "stat", "-x,", *extra]
+        for e in events:
+            args += ["-e", e]
+        r = subprocess.run([*args, "--", *argv], capture_output=True, text=True, timeout=120)
+        return stat_counts(r.stderr)
+
+    def clear(self) -> None:
+        for name in self.names:
+            with open("/sys/kernel/tracing/uprobe_events", "a") as f:
+                f.write(f"-:pmutest/{name}\n")
+        self.names.clear()
+
+
+@pytest.fixture
+def kernel_uprobes():
+    reason = have_kernel_uprobes()
+    if reason:
+        pytest.skip(reason)
+    k = KernelUprobes()
+    try:
+        yield k
+    finally:
+        k.clear()

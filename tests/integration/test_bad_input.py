@@ -1,0 +1,72 @@
+"""Every bad input: one line on stderr naming the problem, exit status 2, no traceback, nothing left."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import processes_running, run_pmu
+
+
+def _one_line_error(r, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("pmu: "), lines[0]
+    assert "Traceback" not in r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize(
+    ("event", "needles"),
+    [
+        ("uprobe:/no/such/file:work", ["no such file", "/no/such/file"]),
+        ("uprobe:{txt}:work", ["not an ELF file", "notelf.txt"]),
+        ("uprobe:{hot}:wrok", ["unknown symbol 'wrok'", "work"]),
+        ("kprobe:do_sys_open", ["unknown event type 'kprobe'"]),
+        ("uprobe:{hot}:work+", ["work+"]),
+        ("uprobe:{hot}:work+zz", ["work+zz"]),
+        ("uprobe:{hot}:work+0x10000", ["past the end of work"]),
+        ("uprobe:{hot}:main+1", ["inside the instruction"]),
+        ("uprobe:libnosuchthing:foo", ["unknown library 'libnosuchthing'"]),
+        ("uprobe:", ["uprobe:"]),
+    ],
+)
+def test_bad_event(build, tmp_path, event, needles):
+    hot = build("hot")
+    txt = tmp_path / "notelf.txt"
+    txt.write_text("hello\n")
+    event = event.format(hot=hot, txt=txt)
+    r = run_pmu("stat", "-e", event, "--", hot, "10")
+    _one_line_error(r, *needles)
+    assert r.stdout == ""  # the command never ran
+    assert processes_running(hot) == []
+
+
+def test_command_not_found():
+    r = run_pmu("stat", "-e", "uprobe:work", "--", "/no/such/command")
+    _one_line_error(r, "/no/such/command")
+    r = run_pmu("stat", "-e", "uprobe:work", "--", "no-such-command-xyz")
+    _one_line_error(r, "no-such-command-xyz", "not found")
+
+
+def test_no_event(build):
+    hot = build("hot")
+    r = run_pmu("stat", "--", hot, "10")
+    _one_line_error(r, "-e")
+    assert r.stdout == ""
+
+
+def test_no_command():
+    r = run_pmu("stat", "-e", "uprobe:/bin/true:main")
+    _one_line_error(r, "command")
+
+
+def test_unknown_option():
+    r = run_pmu("stat", "--bogus", "-e", "uprobe:work", "--", "true")
+    _one_line_error(r, "--bogus")
+
+
+def test_list_bad_target():
+    r = run_pmu("list", "/no/such/file")
+    _one_line_error(r, "no such file")

@@ -1,0 +1,90 @@
+"""`pmu stat` counts exactly, on real processes under real ptrace."""
+
+from __future__ import annotations
+
+import re
+
+from tests.conftest import per_thread_counts, processes_running, run_pmu, stat_counts
+
+
+def test_two_functions_single_thread(build):
+    hot = build("hot")
+    r = run_pmu("stat", "-x,", "-e", f"uprobe:{hot}:work", "-e", f"uprobe:{hot}:work2", "--", hot, "1001")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"sum={sum(i * 3 + 1 for i in range(1001)) + sum(i ^ 0x55 for i in range(0, 1001, 2))}\n"
+    counts = stat_counts(r.stderr)
+    assert counts == {f"uprobe:{hot}:work": 1001, f"uprobe:{hot}:work2": 501}
+    assert processes_running(hot) == []
+
+
+def test_comma_list_and_own_executable(build):
+    hot = build("hot")
+    r = run_pmu("stat", "-x,", "-e", "uprobe:work,uprobe:work2", "--", hot, "10")
+    assert r.returncode == 0, r.stderr
+    assert stat_counts(r.stderr) == {"uprobe:work": 10, "uprobe:work2": 5}
+
+
+def test_two_events_on_one_address_share_a_breakpoint(build):
+    hot = build("hot")
+    r = run_pmu("stat", "-x,", "-e", f"{hot}:work", "-e", "uprobe:work", "--", hot, "77")
+    assert r.returncode == 0, r.stderr
+    assert stat_counts(r.stderr) == {f"{hot}:work": 77, "uprobe:work": 77}
+
+
+def test_exit_status_is_the_commands(build):
+    hot = build("hot")
+    r = run_pmu("stat", "-x,", "-e", "uprobe:work", "--", hot, "5", "7")
+    assert r.returncode == 7
+    assert stat_counts(r.stderr) == {"uprobe:work": 5}
+
+
+def test_threads_total_and_per_thread(build):
+    mt = build("mt")
+    r = run_pmu("stat", "-x,", "-e", "uprobe:work", "--", mt, "4", "1000")
+    assert r.returncode == 0, r.stderr
+    assert stat_counts(r.stderr) == {"uprobe:work": 1000 * (1 + 2 + 3 + 4)}
+    r = run_pmu("stat", "-x,", "--per-thread", "-e", "uprobe:work", "--", mt, "4", "1000")
+    assert r.returncode == 0, r.stderr
+    expected = {("uprobe:work", int(t)): int(c) for t, c in re.findall(r"tid=(\d+) calls=(\d+)", r.stdout)}
+    assert len(expected) == 4
+    assert per_thread_counts(r.stderr) == expected
+    assert processes_running(mt) == []
+
+
+def test_signal_handler_and_main(build):
+    sig = build("sig")
+    r = run_pmu("stat", "-x,", "-e", "uprobe:work", "--", sig, "100", "10")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"handled={10 * 7 * 10}\n"
+    assert stat_counts(r.stderr) == {"uprobe:work": 110}
+
+
+def test_tracee_own_traps_pass_through(build):
+    traps = build("traps")
+    plain = __import__("subprocess").run([traps], capture_output=True, text=True)
+    r = run_pmu("stat", "-x,", "-e", "uprobe:work", "--", traps)
+    assert r.returncode == plain.returncode == 0, r.stderr
+    assert r.stdout == plain.stdout  # the handler saw the same traps with the same si_code
+    assert stat_counts(r.stderr) == {"uprobe:work": 3}
+
+
+def test_relocated_instructions_run_correctly(build):
+    reloc = build("reloc")
+    plain = __import__("subprocess").run([reloc, "50"], capture_output=True, text=True)
+    events = ["f_riprel", "f_ripload", "f_call", "f_jmp", "f_jcc+3", "f_cmpimm"]
+    args = [a for e in events for a in ("-e", f"uprobe:{e}")]
+    r = run_pmu("stat", "-x,", *args, "--", reloc, "50")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == plain.stdout
+    counts = stat_counts(r.stderr)
+    assert counts == {f"uprobe:{e}": 51 for e in events[:4]} | {"uprobe:f_jcc+3": 52, "uprobe:f_cmpimm": 51}
+
+
+def test_text_output_like_perf(build):
+    hot = build("hot")
+    r = run_pmu("stat", "-e", "uprobe:work", "--", hot, "12345")
+    assert r.returncode == 0, r.stderr
+    assert f"Performance counter stats for '{hot} 12345':" in r.stderr
+    assert re.search(r"^\s+12,345\s+uprobe:work\s*$", r.stderr, re.M), r.stderr
+    assert re.search(r"seconds time elapsed", r.stderr)
+    assert "Traceback" not in r.stderr
