@@ -46,7 +46,7 @@ demo: $(STAMP) $(DEMO)/hot
 
 bench: $(STAMP) .tools
 	@command -v ltrace >/dev/null || (apt-get update -qq && apt-get install -y -qq ltrace >/dev/null)
-	$(PY) benchmarks/bench_stat.py
+	$(PY) benchmarks/bench_stat.py --results benchmarks/RESULTS.md
 
 clean:
 	rm -rf build .tools .pytest_cache .mypy_cache .ruff_cache

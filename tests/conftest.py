@@ -33,12 +33,20 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return _build
 
 
-def run_pmu(*args: str | os.PathLike[str], timeout: float = 120, cwd: str | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_pmu(
+    *args: str | os.PathLike[str],
+    timeout: float = 120,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m pmu ARGS` and return the completed process (text stdout/stderr)."""
     return subprocess.run(
         [sys.executable, "-m", "pmu", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
     )
 
 
@@ -93,6 +101,14 @@ def have_kernel_uprobes() -> str | None:
     return None
 
 
+def _tracefs_write(line: str) -> None:
+    fd = os.open("/sys/kernel/tracing/uprobe_events", os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 class KernelUprobes:
     """Kernel uprobes placed through tracefs at exact file offsets, counted with `perf stat`."""
 
@@ -101,8 +117,7 @@ class KernelUprobes:
 
     def add(self, name: str, path: str, file_offset: int) -> str:
         """Place p:pmutest/NAME PATH:0xOFFSET; returns the perf event name."""
-        with open("/sys/kernel/tracing/uprobe_events", "a") as f:
-            f.write(f"p:pmutest/{name} {path}:{file_offset:#x}\n")
+        _tracefs_write(f"p:pmutest/{name} {path}:{file_offset:#x}\n")
         self.names.append(name)
         return f"pmutest:{name}"
 
@@ -116,8 +131,7 @@ class KernelUprobes:
 
     def clear(self) -> None:
         for name in self.names:
-            with open("/sys/kernel/tracing/uprobe_events", "a") as f:
-                f.write(f"-:pmutest/{name}\n")
+            _tracefs_write(f"-:pmutest/{name}\n")
         self.names.clear()
 
 

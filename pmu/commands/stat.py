@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import locale
 import sys
 
 from pmu.errors import UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.spec import parse_event_list
 from pmu.evlist import Evlist
-from pmu.output.stat import StatLine, StatReport, write
+from pmu.output.stat import NumberFormat, StatLine, StatReport, write
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -71,8 +73,22 @@ def _command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def _numbers() -> NumberFormat:
+    """The locale's number format, as perf uses it; counts are grouped by thousands even in C."""
+    with contextlib.suppress(locale.Error):
+        locale.setlocale(locale.LC_NUMERIC, "")
+    numbers = NumberFormat.from_locale()
+    if not numbers.thousands_sep:
+        numbers = NumberFormat(thousands_sep=",", decimal_point=numbers.decimal_point, grouping=(3, 0))
+    return numbers
+
+
 def run(args: argparse.Namespace) -> int:
     attrs = build_attrs(args)
+    if args.sep is not None and args.json:
+        raise UsageError("-x and -j cannot be used together")
+    if args.sep == "\\t":
+        args.sep = "\t"
     cmd = _command(args)
     if not cmd:
         raise UsageError("no command given: pmu stat -e EVENT -- COMMAND [ARGS...]")
@@ -95,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
         sys_s=result.sys_s,
         per_thread=args.per_thread,
     )
+    numbers = _numbers()
     if args.output:
         with open(args.output, "w") as f:
-            write(report, f, csv_sep=args.sep, json=args.json)
+            write(report, f, csv_sep=args.sep, json=args.json, numbers=numbers)
     else:
-        write(report, sys.stderr, csv_sep=args.sep, json=args.json)
+        write(report, sys.stderr, csv_sep=args.sep, json=args.json, numbers=numbers)
     return result.status

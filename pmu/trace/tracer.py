@@ -170,10 +170,12 @@ class Tracer:
                     if bp is None:  # hit a breakpoint another thread removed meanwhile: rewind
                         pt.poke_user(tid, pt.RIP, rip - 1)
                     else:
+                        task.state = TaskState.STOPPED  # consumers may stop every thread to patch
                         for consumer in bp.consumers:
                             consumer(task)
                         pt.poke_user(tid, pt.RIP, bp.slot)
                     pt.cont(tid, 0)
+                    task.state = TaskState.RUNNING
                     return
             task.state = TaskState.STOPPED
             self._signal(task, signal.SIGTRAP)

@@ -11,7 +11,9 @@ def test_two_functions_single_thread(build):
     hot = build("hot")
     r = run_pmu("stat", "-x,", "-e", f"uprobe:{hot}:work", "-e", f"uprobe:{hot}:work2", "--", hot, "1001")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"sum={sum(i * 3 + 1 for i in range(1001)) + sum(i ^ 0x55 for i in range(0, 1001, 2))}\n"
+    assert (
+        r.stdout == f"sum={sum(i * 3 + 1 for i in range(1001)) + sum(i ^ 0x55 for i in range(0, 1001, 2))}\n"
+    )
     counts = stat_counts(r.stderr)
     assert counts == {f"uprobe:{hot}:work": 1001, f"uprobe:{hot}:work2": 501}
     assert processes_running(hot) == []

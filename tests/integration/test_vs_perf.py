@@ -10,8 +10,11 @@ from pmu.events.spec import parse_event
 from pmu.events.symbols import resolve_probe, resolve_target
 from tests.conftest import run_pmu, stat_counts
 
-SQL = "create table t(x); " + " ".join(f"insert into t values ({i});" for i in range(50)) + \
-    " select count(*), sum(x) from t; select * from t where x > 40;"
+SQL = (
+    "create table t(x); "
+    + " ".join(f"insert into t values ({i});" for i in range(50))
+    + " select count(*), sum(x) from t; select * from t where x > 40;"
+)
 
 
 def _offset(event: str, exe: str | None = None) -> tuple[str, int]:

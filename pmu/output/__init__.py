@@ -1,0 +1,1 @@
+"""Sinks for what a command measured: the stat printer, the Parquet writer."""
