@@ -1,38 +1,58 @@
 """Evlist: what a command opens, runs, reads and closes; the glue between scheduler, PMUs and tracer.
 
 It is the TraceListener: the tracer's lifecycle reports (clone, fork, exec, exit, mapping changes) go
-to the scheduler, which alone decides what the PMUs arm; commands only build an Evlist, run it and
-read its counts.
+to the scheduler, which alone decides what the PMUs arm; commands only build an Evlist, run it (on a
+command it launches, or on processes it attaches to) and read its counts per Evsel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
 import signal
+import subprocess
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
 
-from pmu.errors import FileError, ProcessError
+from pmu.errors import FileError, ProcessError, UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Counts, Event
 from pmu.sched.scheduler import Scheduler
+from pmu.trace.maps import mapped_files
 from pmu.trace.tasks import AddressSpace, Task
 from pmu.trace.tracer import Tracer
 from pmu.uprobe_pmu import UprobePmu
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 @dataclass(frozen=True)
 class RunResult:
-    """How the measured command ended, and how long it took."""
+    """How the measured run ended, and how long it took."""
 
     status: int
-    """Exit status as a shell shows it: the command's own, or 128+signal."""
+    """Exit status as a shell shows it: the command's own, or 128+signal; 0 for an attach run."""
     elapsed_s: float
     user_s: float
     sys_s: float
+    interrupted: bool = False
+    """Stopped by SIGINT, SIGTERM or SIGHUP rather than by the end of the command."""
+
+
+@dataclass(eq=False)
+class Evsel:
+    """One attr as the user asked for it, and the events it opened (one per attached thread)."""
+
+    attr: EventAttr
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.attr.name
 
 
 def resolve_command(argv: Sequence[str]) -> str:
@@ -49,14 +69,13 @@ def resolve_command(argv: Sequence[str]) -> str:
 
 
 class Evlist:
-    """The events of one measurement, opened on a launched command's task tree."""
+    """The events of one measurement and the tasks they count on."""
 
     def __init__(self, attrs: Sequence[EventAttr]) -> None:
-        self.attrs = list(attrs)
+        self.evsels = [Evsel(attr) for attr in attrs]
         self.tracer = Tracer(self)
         self.uprobe = UprobePmu(self.tracer)
         self.sched = Scheduler({"uprobe": self.uprobe})
-        self.events: list[Event] = []
 
     # ---- TraceListener --------------------------------------------------------------------------
 
@@ -86,24 +105,22 @@ class Evlist:
         """Launch argv with every event disabled and enable_on_exec, count until it exits."""
         exe = resolve_command(argv)
         self.uprobe.exe = exe
-        self._check_exe(exe)
-        for attr in self.attrs:  # every bad event is reported before anything runs
-            self.uprobe.resolve(attr.probe)
+        _check_exe(exe)
+        for evsel in self.evsels:  # every bad event is reported before anything runs
+            self.uprobe.resolve(evsel.attr.probe)
         start = time.monotonic()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command gets the terminal's ^C
-        try:
+        # The command gets the terminal's ^C itself, as under perf stat; pmu counts until it exits.
+        with _signals(signal.SIG_IGN, (signal.SIGINT,)):
             task = self.tracer.launch(argv, exe)
             try:
-                for attr in self.attrs:
-                    self.events.append(self.sched.open(attr, task))
+                for evsel in self.evsels:
+                    evsel.events.append(self.sched.open(evsel.attr, task))
                 self.sched.task_exec(task)
                 self.tracer.start(task)
                 self.tracer.run_until_root_exits()
             finally:
                 self.close()
-        finally:
-            signal.signal(signal.SIGINT, old_int)
         elapsed = time.monotonic() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         return RunResult(
@@ -113,11 +130,60 @@ class Evlist:
             sys_s=after.ru_stime - before.ru_stime,
         )
 
-    def _check_exe(self, exe: str) -> None:
-        with open(exe, "rb") as f:
-            head = f.read(4)
-        if head != b"\x7fELF" and not head.startswith(b"#!"):
-            raise FileError(f"not an ELF file: {exe}")
+    def run_attached(
+        self, pids: Sequence[int], tids: Sequence[int] = (), argv: Sequence[str] = ()
+    ) -> RunResult:
+        """Count on running processes (every thread) or single threads, for as long as `argv` runs,
+        or until SIGINT/SIGTERM/SIGHUP or the processes exit; then leave them exactly as they were."""
+        if argv:
+            resolve_command(argv)
+        targets = [(pid, None) for pid in pids] + [(_tgid_of(tid), tid) for tid in tids]
+        if not targets:
+            raise UsageError("nothing to attach to")
+        start = time.monotonic()
+        interrupted = False
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            nonlocal interrupted
+            interrupted = True
+            self.tracer.request_stop()
+            # Should the signal have come just before the loop blocked, a second one wakes it.
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+
+        def on_alarm(signum: int, frame: FrameType | None) -> None:
+            """Only there to interrupt a blocking wait."""
+
+        with _signals(on_signal, STOP_SIGNALS), _signals(on_alarm, (signal.SIGALRM,)):
+            try:
+                for pid, tid in targets:
+                    tasks = self.tracer.attach(pid, only_tid=tid)
+                    counted = [t for t in tasks if tid is None or t.tid == tid]
+                    self._open_on(counted)
+                for pid, _ in targets:
+                    self.tracer.start(self.tracer.tasks[pid])
+                if argv:
+                    child = subprocess.Popen(list(argv))
+                    self.tracer.watch(child.pid)
+                self.tracer.run()
+                if argv and self.tracer.watched_status is None and not interrupted:
+                    child.wait()
+            finally:
+                self.close()
+        return RunResult(
+            status=0, elapsed_s=time.monotonic() - start, user_s=0.0, sys_s=0.0, interrupted=interrupted
+        )
+
+    def _open_on(self, tasks: Sequence[Task]) -> None:
+        mapped: list[str] = []
+        with contextlib.suppress(OSError):
+            mapped = mapped_files(tasks[0].mm.maps())
+        if not self.uprobe.exe and tasks:
+            with contextlib.suppress(OSError):
+                self.uprobe.exe = os.path.realpath(f"/proc/{tasks[0].pid}/exe")
+        for evsel in self.evsels:
+            self.uprobe.resolve(evsel.attr.probe, mapped)
+            for task in tasks:
+                evsel.events.append(self.sched.open(evsel.attr, task))
 
     def close(self) -> None:
         """Take every event off (restoring every byte) and let go of every task still traced."""
@@ -128,11 +194,65 @@ class Evlist:
 
     # ---- reading --------------------------------------------------------------------------------
 
-    def read(self, event: Event) -> Counts:
-        return self.sched.read(event)
+    def read(self, evsel: Evsel) -> Counts | None:
+        """The evsel's total over its events; None if it was never enabled."""
+        total = [self.sched.read(e) for e in evsel.events]
+        if not total or not any(c.time_enabled for c in total):
+            return None
+        return Counts(
+            value=sum(c.value for c in total),
+            time_enabled=sum(c.time_enabled for c in total),
+            time_running=sum(c.time_running for c in total),
+        )
 
-    def per_task(self, event: Event) -> list[tuple[Task, Counts]]:
-        return [(t, c) for t, c in self.sched.per_task(event) if isinstance(t, Task)]
+    def per_task(self, evsel: Evsel) -> list[tuple[Task, Counts]]:
+        """Each thread the evsel counted on, with that thread's own counts."""
+        return [
+            (t, c) for e in evsel.events for t, c in self.sched.per_task(e) if isinstance(t, Task)
+        ]
+
+    def per_process(self, evsel: Evsel) -> list[tuple[Task, Counts]]:
+        """Counts summed per process, keyed by the process's first task seen."""
+        by_pid: dict[int, tuple[Task, Counts]] = {}
+        for task, c in self.per_task(evsel):
+            if task.pid in by_pid:
+                first, prev = by_pid[task.pid]
+                c = Counts(
+                    prev.value + c.value,
+                    prev.time_enabled + c.time_enabled,
+                    prev.time_running + c.time_running,
+                )
+                task = first
+            by_pid[task.pid] = (task, c)
+        return list(by_pid.values())
+
+
+@contextlib.contextmanager
+def _signals(handler: signal.Handlers | object, signums: Sequence[int]) -> Iterator[None]:
+    old = {s: signal.signal(s, handler) for s in signums}  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _check_exe(exe: str) -> None:
+    with open(exe, "rb") as f:
+        head = f.read(4)
+    if head != b"\x7fELF" and not head.startswith(b"#!"):
+        raise FileError(f"not an ELF file: {exe}")
+
+
+def _tgid_of(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    raise ProcessError(f"no thread with tid {tid}")
 
 
 def _shell_status(status: int | None) -> int:

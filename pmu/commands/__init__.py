@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `pmu ARGV`; return the exit status. PmuErrors become one line on stderr."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
         status: int = args.func(args)
     except PmuError as err:
         sys.stderr.write(f"pmu: {err.message}\n")

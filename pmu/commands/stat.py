@@ -7,7 +7,7 @@ import contextlib
 import locale
 import sys
 
-from pmu.errors import UsageError
+from pmu.errors import FileError, UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.spec import parse_event_list
 from pmu.evlist import Evlist
@@ -44,6 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="do not count forked children (threads are always counted)",
     )
+    p.add_argument(
+        "--per-process", action="store_true", help="one line per process that hit (children apart)"
+    )
+    p.add_argument("-p", "--pid", metavar="PID[,PID...]", help="attach to running processes (every thread)")
+    p.add_argument("-t", "--tid", metavar="TID[,TID...]", help="attach to single threads")
     p.add_argument("-o", "--output", metavar="FILE", help="write the counts to FILE instead of stderr")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
     p.set_defaults(func=run)
@@ -54,7 +59,7 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
     if not args.event:
         raise UsageError("no events given: use -e EVENT (for example -e uprobe:./prog:main)")
     specs = parse_event_list(args.event)
-    launched = bool(_command(args))
+    launched = bool(_command(args)) and not (args.pid or args.tid)
     return [
         EventAttr(
             probe=spec,
@@ -83,38 +88,65 @@ def _numbers() -> NumberFormat:
     return numbers
 
 
+def _ids(text: str | None, what: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"bad {what} list '{text}': expected numbers separated by commas") from None
+    if not ids or any(i <= 0 for i in ids):
+        raise UsageError(f"bad {what} list '{text}'")
+    return ids
+
+
 def run(args: argparse.Namespace) -> int:
     attrs = build_attrs(args)
     if args.sep is not None and args.json:
         raise UsageError("-x and -j cannot be used together")
+    if args.per_thread and args.per_process:
+        raise UsageError("--per-thread and --per-process cannot be used together")
     if args.sep == "\\t":
         args.sep = "\t"
     cmd = _command(args)
-    if not cmd:
-        raise UsageError("no command given: pmu stat -e EVENT -- COMMAND [ARGS...]")
+    pids, tids = _ids(args.pid, "pid"), _ids(args.tid, "tid")
     evlist = Evlist(attrs)
-    result = evlist.run_command(cmd)
+    target: str | None = None
+    if pids or tids:
+        result = evlist.run_attached(pids, tids, cmd)
+        target = (
+            f"process id '{','.join(map(str, pids))}'" if pids else f"thread id '{','.join(map(str, tids))}'"
+        )
+    elif cmd:
+        result = evlist.run_command(cmd)
+    else:
+        raise UsageError("no command given: pmu stat -e EVENT -- COMMAND [ARGS...] (or -p PID)")
     lines: list[StatLine] = []
-    for event in evlist.events:
-        if args.per_thread:
-            for task, counts in evlist.per_task(event):
+    for evsel in evlist.evsels:
+        if args.per_thread or args.per_process:
+            rows = evlist.per_task(evsel) if args.per_thread else evlist.per_process(evsel)
+            for task, counts in rows:
                 if counts.value:
-                    lines.append(StatLine(event.name, counts, thread=f"{task.comm}-{task.tid}"))
+                    label = f"{task.comm}-{task.tid if args.per_thread else task.pid}"
+                    lines.append(StatLine(evsel.name, counts, thread=label))
         else:
-            counts = evlist.read(event)
-            lines.append(StatLine(event.name, counts if counts.time_enabled else None))
+            lines.append(StatLine(evsel.name, evlist.read(evsel)))
     report = StatReport(
         command=cmd,
         lines=lines,
         elapsed_s=result.elapsed_s,
         user_s=result.user_s,
         sys_s=result.sys_s,
-        per_thread=args.per_thread,
+        target=target,
+        per_thread=args.per_thread or args.per_process,
     )
     numbers = _numbers()
     if args.output:
-        with open(args.output, "w") as f:
-            write(report, f, csv_sep=args.sep, json=args.json, numbers=numbers)
+        try:
+            with open(args.output, "w") as f:
+                write(report, f, csv_sep=args.sep, json=args.json, numbers=numbers)
+        except OSError as err:
+            raise FileError(f"cannot write {args.output}: {err.strerror}") from None
     else:
         write(report, sys.stderr, csv_sep=args.sep, json=args.json, numbers=numbers)
     return result.status

@@ -180,9 +180,34 @@ def is_gone(err: BaseException) -> bool:
     return isinstance(err, PtraceError) and getattr(err, "errno", None) == _errno.ESRCH
 
 
-def wait(pid: int = -1, flags: int = 0) -> tuple[int, int]:
-    """waitpid with __WALL; returns (tid, status), (0, 0) with WNOHANG and nothing ready."""
-    return os.waitpid(pid, WALL | flags)
+_libc = ctypes.CDLL(None, use_errno=True)
+_waitpid = _libc.waitpid
+_waitpid.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_int)
+_waitpid.restype = ctypes.c_int
+_wstatus = ctypes.c_int()
+_wstatus_ref = ctypes.byref(_wstatus)
+
+
+def wait(pid: int = -1, flags: int = 0, interruptible: bool = False) -> tuple[int, int]:
+    """waitpid with __WALL; returns (tid, status), (0, 0) with WNOHANG and nothing ready.
+
+    Called through ctypes rather than os.waitpid so that a Python signal handler never runs between
+    the kernel handing us a status and our receiving it (os.waitpid would lose the status if the
+    handler raised). With `interruptible`, a signal makes it raise InterruptedError (the caller checks
+    its flags); otherwise it waits again. ChildProcessError when there is nothing to wait for.
+    """
+    while True:
+        tid = _waitpid(pid, _wstatus_ref, WALL | flags)
+        if tid >= 0:
+            return tid, _wstatus.value
+        err = ctypes.get_errno()
+        if err == _errno.EINTR:
+            if interruptible:
+                raise InterruptedError
+            continue
+        if err == _errno.ECHILD:
+            raise ChildProcessError(err, os.strerror(err))
+        raise OSError(err, os.strerror(err))
 
 
 __all__ = ["PtraceError"]

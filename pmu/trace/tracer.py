@@ -9,6 +9,7 @@ events: it reports lifecycle changes to a TraceListener and hits to breakpoint c
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 from collections import deque
@@ -60,6 +61,9 @@ class Tracer:
         """First stops of new tasks that arrived before their parent's clone/fork event."""
         self.root: Task | None = None
         self.root_status: int | None = None
+        self.stop_requested = False
+        self.watched: int | None = None
+        self.watched_status: int | None = None
         self._stopping: dict[AddressSpace, int] = {}
         self._stopped_by_us: dict[AddressSpace, list[Task]] = {}
 
@@ -110,33 +114,91 @@ class Tracer:
             else:
                 pt.cont(pid, 0)
 
+    def attach(self, pid: int, only_tid: int | None = None) -> list[Task]:
+        """Seize every thread of process `pid` and stop them all; returns the tasks (leader first).
+
+        Every thread is traced even for `-t TID`: the breakpoints live in memory all threads share, so
+        each thread's traps must be ours to handle. The caller opens events on the tasks it counts.
+        """
+        check_traceable(pid)
+        mm: AddressSpace | None = None
+        seized: dict[int, Task] = {}
+        try:
+            while True:  # threads may be created while we attach: list again until none is new
+                tids = _threads(pid)
+                if only_tid is not None and only_tid not in tids:
+                    raise ProcessError(f"no thread {only_tid} in process {pid}")
+                new = [t for t in tids if t not in seized]
+                if not new:
+                    break
+                for tid in new:
+                    try:
+                        pt.seize(tid, pt.TRACE_OPTIONS)
+                    except pt.PtraceError as err:
+                        if tid == pid or not pt.is_gone(err):
+                            raise _permission(pid, err) from None
+                        continue
+                    if mm is None:
+                        mm = AddressSpace(pid)
+                    task = Task(tid=tid, pid=pid, mm=mm, state=TaskState.RUNNING)
+                    mm.tasks.add(task)
+                    self.tasks[tid] = task
+                    seized[tid] = task
+        except BaseException:
+            for task in seized.values():
+                with contextlib.suppress(pt.PtraceError):
+                    pt.detach(task.tid)
+                self._forget(task)
+            raise
+        assert mm is not None
+        self._stop_all(mm)
+        leader = seized[pid]
+        return [leader, *(t for tid, t in seized.items() if tid != pid)]
+
     def start(self, task: Task) -> None:
-        """Arm the dynamic linker hook in the launched task's image and let it run."""
+        """Arm the dynamic linker hook in the task's image and let every thread of it run."""
         self._hook_rtld(task)
         self.listener.maps_changed(task.mm)
-        self._resume(task)
+        for t in list(task.mm.tasks):
+            if t.state is TaskState.STOPPED:
+                self._resume(t)
 
     # ---- the loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Handle stops until no traced task is left."""
+        """Handle stops until no traced task is left, a watched child exits, or a stop is requested."""
         self._loop(False)
 
     def run_until_root_exits(self) -> None:
         """Handle stops until the launched command itself has exited (as perf stat waits for it)."""
         self._loop(True)
 
+    def request_stop(self) -> None:
+        """Ask the loop to return (safe from a signal handler: the blocking wait is interrupted)."""
+        self.stop_requested = True
+
+    def watch(self, pid: int) -> None:
+        """Return from the loop when child `pid` (an untraced command, such as `sleep 1`) exits."""
+        self.watched = pid
+
     def _loop(self, root_only: bool) -> None:
         handle = self._handle
         wait = pt.wait
         pending = self.pending
         while self.tasks and not (root_only and self.root_status is not None):
+            if self.stop_requested or self.watched_status is not None:
+                break
             if pending:
                 tid, status = pending.popleft()
             else:
                 try:
-                    tid, status = wait(-1)
+                    tid, status = wait(-1, 0, True)
+                except InterruptedError:
+                    continue  # a signal: the loop condition looks at stop_requested
                 except ChildProcessError:
+                    break
+                if tid == self.watched:
+                    self.watched_status = status
                     break
             handle(tid, status)
 
@@ -286,6 +348,8 @@ class Tracer:
         self._forget(task)
 
     def _forget(self, task: Task) -> None:
+        if task.state is not TaskState.EXITED:
+            task.remember_comm()
         task.state = TaskState.EXITED
         if self.tasks.get(task.tid) is task:
             del self.tasks[task.tid]
@@ -408,7 +472,7 @@ class Tracer:
         """PTRACE_INTERRUPT every running thread of mm and wait until each is stopped."""
         waiting = []
         for t in list(mm.tasks):
-            if t.state is TaskState.RUNNING:
+            if t.state in (TaskState.RUNNING, TaskState.GROUP_STOPPED):
                 try:
                     pt.interrupt(t.tid)
                     waiting.append(t)
@@ -457,16 +521,99 @@ class Tracer:
         self._forget(task)
 
     def detach_all(self) -> None:
-        """Restore every byte we wrote, and let every task go (used on errors, Ctrl-C and detach)."""
-        for mm in {t.mm for t in self.tasks.values()}:
-            if mm.dead:
-                continue
-            with contextlib.suppress(OSError, pt.PtraceError, TraceError), self.stopped(mm):
-                for bp in list(mm.breakpoints.values()):
-                    bp.consumers.clear()
-                    self._restore(mm, bp)
+        """Leave every task as if we had never been there (detach, Ctrl-C, errors, the end of a run).
+
+        Every thread is stopped; a trap of ours that is still queued is rewound to the probed
+        instruction; a thread inside an out-of-line slot is stepped out of it; every byte we wrote is
+        restored and every area we mapped unmapped; then each thread is detached, with a signal that
+        arrived meanwhile delivered unchanged.
+        """
+        mms = {t.mm for t in self.tasks.values() if not t.mm.dead}
+        for mm in mms:
+            with contextlib.suppress(OSError, pt.PtraceError, TraceError):
+                self._stop_all(mm)
+                self._stop_new(mm)
+        deliver = self._settle_pending()
+        for mm in mms:
+            with contextlib.suppress(OSError, pt.PtraceError, TraceError):
+                self._leave_mm(mm, deliver)
+        for tid in list(self.early):  # new tasks whose parent's event we never saw
+            with contextlib.suppress(pt.PtraceError):
+                pt.detach(tid)
+        self.early.clear()
         for task in list(self.tasks.values()):
-            self._detach_task(task)
+            with contextlib.suppress(pt.PtraceError):
+                pt.detach(task.tid, deliver.get(task.tid, 0))
+            self._forget(task)
+
+    def _stop_new(self, mm: AddressSpace) -> None:
+        """Wait for the first stop of tasks whose clone/fork we saw but which have not stopped yet."""
+        for t in list(mm.tasks):
+            if t.state is TaskState.NEW:
+                tid, status = pt.wait(t.tid)
+                t.state = TaskState.STOPPED
+                if (status & 0xFF) != 0x7F or status >> 16 != pt.EVENT_STOP:
+                    self.pending.append((tid, status))
+
+    def _settle_pending(self) -> dict[int, int]:
+        """Handle queued stops without resuming anyone; returns {tid: signal to deliver at detach}."""
+        deliver: dict[int, int] = {}
+        while self.pending:
+            tid, status = self.pending.popleft()
+            task = self.tasks.get(tid)
+            if task is None:
+                continue
+            if (status & 0xFF) != 0x7F:
+                self._exited(task, status)
+                continue
+            task.state = TaskState.STOPPED
+            if status >> 16:
+                continue  # an event stop: nothing to deliver
+            sig = (status >> 8) & 0xFF
+            if sig == signal.SIGTRAP:
+                with contextlib.suppress(pt.PtraceError):
+                    rip = pt.peek_user(tid, pt.RIP)
+                    mm = task.mm
+                    if (rip - 1 in mm.breakpoints or rip - 1 in mm.removed) and pt.siginfo_code(tid)[
+                        1
+                    ] == pt.SI_KERNEL:
+                        pt.poke_user(tid, pt.RIP, rip - 1)  # run the original instruction after detach
+                        continue
+            deliver[tid] = sig
+        return deliver
+
+    def _leave_mm(self, mm: AddressSpace, deliver: dict[int, int]) -> None:
+        """With every thread of mm stopped: step threads out of slots, restore bytes, unmap areas."""
+        for t in list(mm.tasks):
+            self._step_out_of_slots(t, deliver)
+        for bp in list(mm.breakpoints.values()):
+            with contextlib.suppress(OSError):
+                mm.write(bp.addr, bp.orig)
+        mm.breakpoints.clear()
+        mm.internal.clear()
+        stopped = [t for t in mm.tasks if t.state is TaskState.STOPPED]
+        if stopped:
+            for area in mm.areas:
+                _, signals = inject.munmap(stopped[0].tid, mm, area.base, area.size)
+                for sig in signals:
+                    deliver.setdefault(stopped[0].tid, sig)
+        mm.areas.clear()
+
+    def _step_out_of_slots(self, task: Task, deliver: dict[int, int]) -> None:
+        """Single-step a thread whose RIP is inside an out-of-line area until it is back in real code."""
+        for _ in range(32):
+            rip = pt.peek_user(task.tid, pt.RIP)
+            if not any(a.base <= rip < a.base + a.size for a in task.mm.areas):
+                return
+            pt.singlestep(task.tid)
+            _, status = pt.wait(task.tid)
+            if (status & 0xFF) != 0x7F:
+                self._exited(task, status)
+                return
+            sig = (status >> 8) & 0xFF
+            if status >> 16 == 0 and sig != signal.SIGTRAP:
+                deliver.setdefault(task.tid, sig)
+        raise TraceError(f"thread {task.tid} did not leave the out-of-line area")
 
     def kill_all(self) -> None:
         """SIGKILL every launched task that is still alive (EXITKILL would do it when we exit)."""
@@ -499,3 +646,31 @@ def check_traceable(pid: int) -> None:
                     )
     except OSError:
         raise ProcessError(f"no process with pid {pid}") from None
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        raise ProcessError(f"no process with pid {pid}") from None
+
+
+def _permission(pid: int, err: BaseException) -> TracePermissionError | ProcessError:
+    code = getattr(err, "errno", None)
+    if code == errno.ESRCH:
+        return ProcessError(f"no process with pid {pid}")
+    scope = ""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f.read().strip()
+    except OSError:
+        pass
+    if scope and scope != "0" and os.geteuid() != 0:
+        return TracePermissionError(
+            f"cannot trace process {pid}: kernel.yama.ptrace_scope is {scope} "
+            "(run as root, or: sysctl kernel.yama.ptrace_scope=0)"
+        )
+    return TracePermissionError(
+        f"cannot trace process {pid}: permission denied (it belongs to another user? run pmu as its owner "
+        "or as root)"
+    )

@@ -1,0 +1,676 @@
+"""Where a probe lands: ELF symbols to (file, offset) as kernel uprobes key them, via pyelftools, capstone.
+
+`resolve_target` turns an event's TARGET (None, a path, a library short name) into the realpath of an ELF
+file; `resolve_probe` turns its LOCATION into a ResolvedProbe (file identity, virtual address, file
+offset), checking that an offset lands on an instruction boundary; `list_functions` is `perf probe -F`.
+Parsed ELF facts are cached per file version, so resolving many events on libc or libpython is cheap.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import fnmatch
+import functools
+import os
+import re
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from pmu.errors import FileError, LibraryError, PmuError, SymbolError, UsageError
+from pmu.events.spec import ProbeKind, ProbeSpec
+
+_ELF_MAGIC = b"\x7fELF"
+_EM_X86_64 = 62
+_MAX_INSN = 15
+"""Longest x86-64 instruction, in bytes."""
+
+_STANDARD_DIRS = (
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
+
+_STT_NOTYPE, _STT_FUNC, _STT_GNU_IFUNC = 0, 2, 10
+_STB_LOCAL = 0
+_SHN_UNDEF, _SHN_LORESERVE = 0, 0xFF00
+_SHF_EXECINSTR = 0x4
+_PF_X = 0x1
+_VERSYM_HIDDEN = 0x8000
+_SYM_DTYPE = np.dtype(
+    [
+        ("name", "<u4"),
+        ("info", "u1"),
+        ("other", "u1"),
+        ("shndx", "<u2"),
+        ("value", "<u8"),
+        ("size", "<u8"),
+    ]
+)
+"""Elf64_Sym, little-endian: symbol tables are read as numpy arrays (pyelftools' per-symbol parsing is
+too slow for the tens of thousands of symbols of a large library)."""
+
+
+@dataclass(frozen=True)
+class FileKey:
+    """How the kernel keys uprobes: the file's identity (device, inode), whatever path reached it."""
+
+    dev: int
+    """os.stat().st_dev of the file."""
+    ino: int
+    """os.stat().st_ino of the file."""
+
+    @staticmethod
+    def of(path: str) -> FileKey:
+        """The identity of the file at `path` (FileError if it cannot be stat'ed)."""
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileError(f"no such file: {path}") from None
+        except OSError as err:
+            raise FileError(f"cannot read {path}: {err.strerror}") from None
+        return FileKey(dev=st.st_dev, ino=st.st_ino)
+
+
+@dataclass(frozen=True)
+class ResolvedProbe:
+    """A probe location in one file: what the breakpoint machinery needs, and how to name it."""
+
+    path: str
+    """Realpath of the ELF file."""
+    key: FileKey
+    """The file's identity; with file_offset, the probe's key."""
+    vaddr: int
+    """ELF virtual address of the probed instruction."""
+    file_offset: int
+    """Offset in the file, as kernel uprobes take it: vaddr - p_vaddr + p_offset of its executable PT_LOAD."""
+    symbol: str | None
+    """The function holding the probe (as the user named it), or None for an address outside any symbol."""
+    sym_offset: int
+    """Offset of the probe from the symbol's start (0 when symbol is None)."""
+    description: str
+    """How to name the location to a user, e.g. "work+0x4 in /tmp/hot"."""
+    ifunc: bool = False
+    """The symbol is a GNU indirect function: the probe is on its resolver (run once, at binding), not on
+    the implementation it selects (libc's strlen, memcpy)."""
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """An executable PT_LOAD: the file bytes [offset, offset+filesz) mapped at [vaddr, vaddr+filesz)."""
+
+    vaddr: int
+    filesz: int
+    offset: int
+
+    def contains(self, vaddr: int) -> bool:
+        return self.vaddr <= vaddr < self.vaddr + self.filesz
+
+
+@dataclass(frozen=True)
+class _Symbol:
+    """A defined function symbol (aliases at one address are separate _Symbols)."""
+
+    name: str
+    value: int
+    size: int
+    """0 when unknown."""
+    local: bool
+    ifunc: bool
+    section_end: int
+    """End address of the symbol's section: a symbol of unknown size extends at most that far."""
+
+
+@dataclass(frozen=True)
+class _ElfInfo:
+    """What resolution needs from one version of one ELF file."""
+
+    path: str
+    segments: tuple[_Segment, ...]
+    """Executable PT_LOAD segments."""
+    by_name: Mapping[str, tuple[_Symbol, ...]]
+    """Function symbols by name (versioned dynamic names as `name@VER`/`name@@VER` too), one per address."""
+    starts: tuple[int, ...]
+    """Sorted distinct function start addresses."""
+    at_start: tuple[_Symbol, ...]
+    """The preferred name at each start (parallel to starts), with the largest size seen there."""
+
+    def segment(self, vaddr: int) -> _Segment | None:
+        return next((seg for seg in self.segments if seg.contains(vaddr)), None)
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _elf_error(path: str, why: str) -> FileError:
+    return FileError(f"not an ELF file: {path} ({why})")
+
+
+def _open_checked(path: str) -> os.stat_result:
+    """stat `path` for reading, mapping failures to FileError."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileError(f"no such file: {path}") from None
+    except OSError as err:
+        raise FileError(f"cannot read {path}: {err.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise _elf_error(path, "a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise _elf_error(path, "not a regular file")
+    return st
+
+
+def _read_head(path: str, n: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except PermissionError:
+        raise FileError(f"cannot read {path}: permission denied") from None
+    except OSError as err:
+        raise FileError(f"cannot read {path}: {err.strerror}") from None
+
+
+def _check_elf_file(path: str) -> None:
+    """FileError unless `path` is a readable regular file starting with the ELF magic."""
+    _open_checked(path)
+    if _read_head(path, 4) != _ELF_MAGIC:
+        raise FileError(f"not an ELF file: {path}")
+
+
+def _is_x86_64_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return False
+    return (
+        len(head) == 20
+        and head[:4] == _ELF_MAGIC
+        and head[4] == 2  # ELFCLASS64
+        and head[5] == 1  # ELFDATA2LSB
+        and int.from_bytes(head[18:20], "little") == _EM_X86_64
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Targets and libraries
+
+
+def resolve_target(target: str | None, exe: str | None, mapped: Sequence[str] = ()) -> str:
+    """The realpath of the ELF file an event's TARGET names.
+
+    None is the command's executable `exe` (already resolved by the caller); a TARGET with '/' is a path
+    that must be a readable ELF file; anything else is a library short name, looked up by
+    `library_candidates` (first in `mapped`, the realpaths a running process maps).
+    """
+    if target is None:
+        if exe is None:
+            raise UsageError(
+                "the event needs a target when no command is given (write uprobe:TARGET:LOCATION)"
+            )
+        return exe
+    if "/" in target:
+        _check_elf_file(target)
+        return os.path.realpath(target)
+    found = next(_iter_library_candidates(target, mapped), None)
+    if found is None:
+        message = f"unknown library '{target}': not mapped by the process, not in the ld.so cache"
+        if os.path.exists(target):
+            message += f" (for the file in the current directory, write ./{target})"
+        raise LibraryError(message)
+    return found
+
+
+def library_candidates(name: str, mapped: Sequence[str] = ()) -> list[str]:
+    """Realpaths of the x86-64 ELF libraries a short name may mean, best first, without duplicates.
+
+    Searched in order: `mapped` (files a traced process maps), the ld.so cache (`ldconfig -p`), then the
+    standard library directories. `name` matches a file named `name`, `name.so*`, `name.*` when name
+    holds ".so" (libz.so.1 -> libz.so.1.2.13), or `name-VERSION.so` (old glibc's libc-2.31.so).
+    """
+    return list(_iter_library_candidates(name, mapped))
+
+
+def _name_matches(name: str, basename: str) -> bool:
+    if basename == name or basename.startswith(name + ".so"):
+        return True
+    if ".so" in name and basename.startswith(name + "."):
+        return True
+    return re.fullmatch(re.escape(name) + r"-[0-9][0-9.]*\.so", basename) is not None
+
+
+def _iter_library_candidates(name: str, mapped: Sequence[str]) -> Iterator[str]:
+    seen: set[str] = set()
+
+    def fresh(path: str) -> str | None:
+        real = os.path.realpath(path)
+        if real in seen or not os.path.isfile(real) or not _is_x86_64_elf(real):
+            return None
+        seen.add(real)
+        return real
+
+    for group in (_mapped_matches(name, mapped), _ld_cache_matches(name), _directory_matches(name)):
+        for path in group:
+            real = fresh(path)
+            if real is not None:
+                yield real
+
+
+def _mapped_matches(name: str, mapped: Sequence[str]) -> Iterator[str]:
+    matches = [path for path in mapped if _name_matches(name, os.path.basename(path))]
+    # An exact basename first; otherwise keep the process's mapping order.
+    yield from sorted(matches, key=lambda path: os.path.basename(path) != name)
+
+
+def _ld_cache_matches(name: str) -> Iterator[str]:
+    entries = _ld_cache()
+    exact = [path for soname, path in entries if soname == name]
+    yield from exact
+    yield from (path for soname, path in entries if soname != name and _name_matches(name, soname))
+
+
+@functools.cache
+def _ld_cache() -> tuple[tuple[str, str], ...]:
+    """(soname, path) of the x86-64 libraries in the ld.so cache, in the cache's order."""
+    ldconfig = shutil.which("ldconfig") or next(
+        (p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.access(p, os.X_OK)), None
+    )
+    if ldconfig is None:
+        return ()
+    try:
+        out = subprocess.run(
+            [ldconfig, "-p"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+            env={**os.environ, "LC_ALL": "C"},
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return parse_ldconfig(out)
+
+
+_LDCONFIG_LINE = re.compile(r"^\s+(\S+)\s+\(([^)]*)\)\s+=>\s+(\S.*?)\s*$")
+
+
+def parse_ldconfig(output: str) -> tuple[tuple[str, str], ...]:
+    """Parse `ldconfig -p` output into (soname, path) pairs, keeping x86-64 libraries only.
+
+    Lines look like `\tlibz.so.1 (libc6,x86-64) => /lib/x86_64-linux-gnu/libz.so.1`; 32-bit entries
+    (`(libc6)`) and x32 ones (`(libc6,x32)`) are skipped.
+    """
+    entries: list[tuple[str, str]] = []
+    for line in output.splitlines():
+        m = _LDCONFIG_LINE.match(line)
+        if m is None:
+            continue
+        flags = [flag.strip() for flag in m.group(2).split(",")]
+        if "x86-64" in flags:
+            entries.append((m.group(1), m.group(3)))
+    return tuple(entries)
+
+
+def _directory_matches(name: str) -> Iterator[str]:
+    for directory in _STANDARD_DIRS:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        matches = [entry for entry in names if _name_matches(name, entry)]
+        # Exact name first, then the highest version (libfoo.so.2 before libfoo.so.1).
+        matches.sort(key=_version_key, reverse=True)
+        matches.sort(key=lambda entry: entry != name)
+        yield from (os.path.join(directory, entry) for entry in matches)
+
+
+def _version_key(basename: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"[0-9]+", basename))
+
+
+# ----------------------------------------------------------------------------------------------------
+# ELF parsing (cached per file version)
+
+
+def _load(path: str) -> _ElfInfo:
+    st = _open_checked(path)
+    return _parse_elf(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_elf(path: str, dev: int, ino: int, size: int, mtime_ns: int) -> _ElfInfo:
+    """Parse `path` (the other arguments identify its version, for the cache)."""
+    if _read_head(path, 4) != _ELF_MAGIC:
+        raise FileError(f"not an ELF file: {path}")
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as f:
+            return _read_elf(ELFFile(f), path, size)
+    except PmuError:
+        raise
+    except OSError as err:
+        raise FileError(f"cannot read {path}: {err.strerror}") from None
+    except Exception as err:  # pyelftools and construct raise many kinds of errors on corrupt input
+        raise _elf_error(path, f"corrupt or truncated: {_one_line(err)}") from None
+
+
+def _section_bytes(section: Any, path: str, file_size: int) -> bytes:
+    if section["sh_type"] == "SHT_NOBITS":
+        return b""
+    if section["sh_offset"] + section["sh_size"] > file_size:
+        raise _elf_error(path, f"truncated: section {section.name} extends past the end of the file")
+    data: bytes = section.data()
+    return data
+
+
+def _read_elf(elf: Any, path: str, file_size: int) -> _ElfInfo:
+    machine = elf["e_machine"]
+    if elf.elfclass != 64 or machine != "EM_X86_64" or not elf.little_endian:
+        kind = f"{elf.elfclass}-bit {str(machine).removeprefix('EM_')}"
+        raise FileError(f"not an x86-64 ELF file: {path} ({kind})")
+    if elf["e_type"] not in ("ET_EXEC", "ET_DYN"):
+        raise FileError(f"not an executable or shared library: {path} ({elf['e_type']})")
+
+    segments = tuple(
+        _Segment(vaddr=seg["p_vaddr"], filesz=seg["p_filesz"], offset=seg["p_offset"])
+        for seg in elf.iter_segments()
+        if seg["p_type"] == "PT_LOAD" and seg["p_flags"] & _PF_X
+    )
+    for seg in segments:
+        if seg.offset + seg.filesz > file_size:
+            raise _elf_error(path, "truncated: an executable segment extends past the end of the file")
+    sections = list(elf.iter_sections())
+    executable = np.array([bool(sec["sh_flags"] & _SHF_EXECINSTR) for sec in sections] + [False])
+    section_ends = [sec["sh_addr"] + sec["sh_size"] for sec in sections]
+
+    versions = _version_names(elf, sections)
+    candidates: dict[str, dict[int, _Symbol]] = {}
+
+    def add(name: str, symbol: _Symbol) -> None:
+        at = candidates.setdefault(name, {})
+        old = at.get(symbol.value)
+        if old is None:
+            at[symbol.value] = replace(symbol, name=name)
+        else:  # the same function seen in .symtab and .dynsym: merge what each knows
+            at[symbol.value] = _merge(replace(old, name=name), symbol)
+
+    for index, section in enumerate(sections):
+        if section["sh_type"] not in ("SHT_SYMTAB", "SHT_DYNSYM"):
+            continue
+        if section["sh_entsize"] != _SYM_DTYPE.itemsize:
+            raise _elf_error(path, f"corrupt: {section.name} entry size {section['sh_entsize']}")
+        if section["sh_link"] >= len(sections):
+            raise _elf_error(path, f"corrupt: {section.name} links to no string table")
+        data = _section_bytes(section, path, file_size)
+        strtab = _section_bytes(sections[section["sh_link"]], path, file_size)
+        syms = np.frombuffer(data, dtype=_SYM_DTYPE, count=len(data) // _SYM_DTYPE.itemsize)
+        sym_type = syms["info"] & 0xF
+        shndx = syms["shndx"]
+        defined = (shndx != _SHN_UNDEF) & (shndx < _SHN_LORESERVE) & (syms["name"] != 0)
+        in_exec = executable[np.minimum(shndx, len(sections))]
+        wanted = defined & (
+            (sym_type == _STT_FUNC) | (sym_type == _STT_GNU_IFUNC) | ((sym_type == _STT_NOTYPE) & in_exec)
+        )
+        indices = np.flatnonzero(wanted)
+        columns = zip(
+            indices.tolist(),
+            syms["name"][indices].tolist(),
+            syms["value"][indices].tolist(),
+            syms["size"][indices].tolist(),
+            (syms["info"][indices] >> 4).tolist(),
+            sym_type[indices].tolist(),
+            shndx[indices].tolist(),
+            strict=True,
+        )
+        versym = versions.get(index)
+        for i, name_at, value, size, bind, typ, sec in columns:
+            name_end = strtab.find(b"\0", name_at)
+            if name_end < 0:
+                raise _elf_error(path, f"corrupt: symbol name outside {sections[section['sh_link']].name}")
+            name = strtab[name_at:name_end].decode("utf-8", "replace")
+            symbol = _Symbol(
+                name=name,
+                value=value,
+                size=size,
+                local=bind == _STB_LOCAL,
+                ifunc=typ == _STT_GNU_IFUNC,
+                section_end=section_ends[sec] if sec < len(section_ends) else value + size,
+            )
+            version = versym[i] if versym is not None and i < len(versym) else None
+            if version is None:
+                add(name, symbol)
+                if "@@" in name:  # a default-versioned name in .symtab answers to its plain name too
+                    add(name.split("@@", 1)[0], symbol)
+            elif version[1]:  # a hidden (non-default) version: reachable only by its versioned name
+                add(f"{name}@{version[0]}", symbol)
+            else:
+                add(name, symbol)
+                add(f"{name}@@{version[0]}", symbol)
+
+    by_name = {name: tuple(at.values()) for name, at in candidates.items()}
+    best: dict[int, _Symbol] = {}
+    for symbols in by_name.values():
+        for symbol in symbols:
+            old = best.get(symbol.value)
+            if old is None:
+                best[symbol.value] = symbol
+            else:  # aliases at one address: name it by the best alias
+                keep = min(old, symbol, key=_name_rank)
+                best[symbol.value] = _merge(keep, symbol if keep is old else old)
+    starts = tuple(sorted(best))
+    return _ElfInfo(
+        path=path,
+        segments=segments,
+        by_name=by_name,
+        starts=starts,
+        at_start=tuple(best[start] for start in starts),
+    )
+
+
+def _merge(keep: _Symbol, other: _Symbol) -> _Symbol:
+    """keep, completed with what `other` (the same function under another entry) knows."""
+    return replace(
+        keep,
+        size=max(keep.size, other.size),
+        local=keep.local and other.local,
+        ifunc=keep.ifunc or other.ifunc,
+        section_end=max(keep.section_end, other.section_end),
+    )
+
+
+def _name_rank(symbol: _Symbol) -> tuple[bool, bool, int, int, str]:
+    """Which alias names an address best: global, unversioned, fewest leading '_', shortest."""
+    name = symbol.name
+    return (symbol.local, "@" in name, len(name) - len(name.lstrip("_")), len(name), name)
+
+
+def _version_names(elf: Any, sections: list[Any]) -> dict[int, list[tuple[str, bool] | None]]:
+    """For each dynamic symbol table (by section index): per symbol, (version name, hidden) or None."""
+    from elftools.elf.gnuversions import GNUVerDefSection, GNUVerSymSection
+
+    defined: dict[int, str] = {}
+    for section in sections:
+        if isinstance(section, GNUVerDefSection):
+            for verdef, auxiliaries in section.iter_versions():
+                aux = next(iter(auxiliaries), None)
+                if aux is not None and not verdef["vd_flags"] & 0x1:  # skip VER_FLG_BASE (the soname)
+                    defined[verdef["vd_ndx"]] = aux.name
+    result: dict[int, list[tuple[str, bool] | None]] = {}
+    if not defined:
+        return result
+    for section in sections:
+        if not isinstance(section, GNUVerSymSection):
+            continue
+        data: bytes = section.data()
+        entries = np.frombuffer(data, dtype="<u2", count=len(data) // 2).tolist()
+        result[section["sh_link"]] = [
+            (defined[ver & 0x7FFF], bool(ver & _VERSYM_HIDDEN)) if ver & 0x7FFF in defined else None
+            for ver in entries
+        ]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Probes
+
+
+@functools.cache
+def _disassembler() -> Any:
+    import capstone
+
+    return capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+
+
+def _read_code(info: _ElfInfo, segment: _Segment, vaddr: int, length: int) -> bytes:
+    length = max(0, min(length, segment.vaddr + segment.filesz - vaddr))
+    try:
+        with open(info.path, "rb") as f:
+            f.seek(vaddr - segment.vaddr + segment.offset)
+            return f.read(length)
+    except OSError as err:
+        raise FileError(f"cannot read {info.path}: {err.strerror}") from None
+
+
+def _check_boundary(info: _ElfInfo, symbol: str, start: int, offset: int, what: str) -> None:
+    """SymbolError unless start+offset begins an instruction when decoding from the symbol's start."""
+    segment = info.segment(start)
+    if segment is None:
+        raise SymbolError(f"{symbol} is not in an executable segment of {info.path}")
+    code = _read_code(info, segment, start, offset + _MAX_INSN)
+    target = start + offset
+    reached = start
+    for address, insn_size, mnemonic, op_str in _disassembler().disasm_lite(code, start):
+        if address == target:
+            return
+        if address < target < address + insn_size:
+            insn = f"{mnemonic} {op_str}".strip()
+            raise SymbolError(
+                f"{what} is inside the instruction at {symbol}+{address - start:#x} ({insn}) in {info.path}"
+            )
+        reached = address + insn_size
+        if reached > target:
+            break
+    raise SymbolError(
+        f"cannot check that {what} is on an instruction boundary of {symbol} in {info.path}: "
+        f"no instruction decodes at {symbol}+{reached - start:#x}"
+    )
+
+
+def _lookup(info: _ElfInfo, name: str) -> _Symbol:
+    symbols = info.by_name.get(name)
+    if not symbols:
+        message = f"unknown symbol '{name}' in {info.path}"
+        close = difflib.get_close_matches(name, list(info.by_name), n=3)
+        if close:
+            message += f" (did you mean: {', '.join(close)}?)"
+        elif not info.by_name:
+            message += " (it has no function symbols; probe an address, 0xADDR)"
+        raise SymbolError(message)
+    if len(symbols) > 1:
+        globals_ = [symbol for symbol in symbols if not symbol.local]
+        if len(globals_) == 1:
+            return globals_[0]
+        where = ", ".join(f"{symbol.value:#x}" for symbol in sorted(symbols, key=lambda s: s.value))
+        raise SymbolError(
+            f"symbol '{name}' is ambiguous in {info.path}: defined at {where} (probe one by address, 0xADDR)"
+        )
+    return symbols[0]
+
+
+def _containing(info: _ElfInfo, vaddr: int, segment: _Segment) -> tuple[_Symbol, int] | None:
+    """The function holding vaddr and its extent; a symbol of unknown size extends to the next one."""
+    index = bisect.bisect_right(info.starts, vaddr) - 1
+    for i in range(index, max(index - 8, -1), -1):
+        symbol = info.at_start[i]
+        if symbol.size:
+            extent = symbol.size
+        else:
+            following = info.starts[i + 1] if i + 1 < len(info.starts) else symbol.section_end
+            extent = min(following, symbol.section_end, segment.vaddr + segment.filesz) - symbol.value
+        if symbol.value <= vaddr < symbol.value + extent and segment.contains(symbol.value):
+            return symbol, extent
+        if not symbol.size:
+            break
+    return None
+
+
+def _describe(symbol: str | None, offset: int, vaddr: int, path: str) -> str:
+    if symbol is None:
+        return f"{vaddr:#x} in {path}"
+    return f"{symbol}+{offset:#x} in {path}" if offset else f"{symbol} in {path}"
+
+
+def resolve_probe(spec: ProbeSpec, path: str) -> ResolvedProbe:
+    """Resolve spec's LOCATION in the ELF file `path` (a realpath from resolve_target).
+
+    Raises SymbolError for an unknown or ambiguous symbol, an offset past the symbol's end or inside an
+    instruction, an address outside the executable segments, or a uretprobe not on a function entry;
+    FileError when `path` is not a readable x86-64 ELF executable or shared library.
+    """
+    info = _load(path)
+    ifunc = False
+    if spec.symbol is not None:
+        found = _lookup(info, spec.symbol)
+        symbol: str | None = spec.symbol
+        offset = spec.offset
+        ifunc = found.ifunc
+        if found.size and offset >= found.size:
+            raise SymbolError(
+                f"offset {offset:#x} is past the end of {spec.symbol} (size {found.size:#x}) in {path}"
+            )
+        vaddr = found.value + offset
+        segment = info.segment(vaddr)
+        if segment is None:
+            where = _describe(spec.symbol, offset, vaddr, path).removesuffix(f" in {path}")
+            raise SymbolError(f"{where} is not in an executable segment of {path}")
+        if offset:
+            _check_boundary(info, spec.symbol, found.value, offset, f"offset {offset:#x}")
+    else:
+        assert spec.address is not None
+        vaddr = spec.address
+        segment = info.segment(vaddr)
+        if segment is None:
+            raise SymbolError(f"address {vaddr:#x} is not in an executable segment of {path}")
+        holder = _containing(info, vaddr, segment)
+        symbol, offset = None, 0
+        if holder is not None:
+            found, extent = holder
+            symbol, offset, ifunc = found.name, vaddr - found.value, found.ifunc
+            if offset:
+                _check_boundary(info, found.name, found.value, offset, f"address {vaddr:#x}")
+        if spec.kind is ProbeKind.URETPROBE and offset:
+            raise SymbolError(
+                f"uretprobe at {vaddr:#x} is not on a function entry: it is {symbol}+{offset:#x} in {path}"
+            )
+    return ResolvedProbe(
+        path=path,
+        key=FileKey.of(path),
+        vaddr=vaddr,
+        file_offset=vaddr - segment.vaddr + segment.offset,
+        symbol=symbol,
+        sym_offset=offset,
+        description=_describe(symbol, offset, vaddr, path),
+        ifunc=ifunc,
+    )
+
+
+def list_functions(path: str, pattern: str = "*") -> list[str]:
+    """Sorted names of the function symbols defined in `path` that match the fnmatch glob `pattern`.
+
+    Like `perf probe -F -x FILE`: .symtab and .dynsym, versioned dynamic names as name@@VER (default)
+    and name@VER (hidden) besides the plain name. Every name listed can be probed.
+    """
+    info = _load(path)
+    return sorted(name for name in info.by_name if fnmatch.fnmatchcase(name, pattern))

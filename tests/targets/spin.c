@@ -1,0 +1,43 @@
+/* A long-running multi-threaded target for attach tests: NT threads call work() with a short sleep
+   in between until SECONDS have passed (or SIGUSR1 arrives), then main prints the total and exits 0. */
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+__attribute__((noinline)) int work(int x) { return x + 3; }
+
+static volatile sig_atomic_t stop;
+static double seconds;
+static long calls[64];
+
+static double now(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec + ts.tv_nsec / 1e9; }
+static void on_usr1(int sig) { (void)sig; stop = 1; }
+
+static void *thread(void *arg) {
+    long k = (long)arg;
+    double end = now() + seconds;
+    volatile long s = 0;
+    while (!stop && now() < end) {
+        s += work((int)calls[k]);
+        calls[k]++;
+        usleep(200);
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    seconds = argc > 1 ? atof(argv[1]) : 5;
+    int nt = argc > 2 ? atoi(argv[2]) : 3;
+    signal(SIGUSR1, on_usr1);
+    pthread_t t[64];
+    for (long i = 0; i < nt; i++) pthread_create(&t[i], NULL, thread, (void *)i);
+    printf("ready\n");
+    fflush(stdout);
+    long total = 0;
+    for (int i = 0; i < nt; i++) { pthread_join(t[i], NULL); total += calls[i]; }
+    printf("total=%ld\n", total);
+    return 0;
+}
