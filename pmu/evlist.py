@@ -233,6 +233,8 @@ def _signals(handler: signal.Handlers | object, signums: Sequence[int]) -> Itera
     try:
         yield
     finally:
+        if signal.SIGALRM in old:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for s, h in old.items():
             signal.signal(s, h)
 

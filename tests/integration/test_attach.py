@@ -1,0 +1,195 @@
+"""Attach to running processes, count, and leave them exactly as they were (issue: lifetimes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pmu.events.spec import parse_event
+from pmu.events.symbols import resolve_probe
+from tests.conftest import ROOT, per_thread_counts, run_pmu, stat_counts
+
+
+class Spin:
+    """A running multi-threaded target (tests/targets/spin.c) and snapshots of its memory."""
+
+    def __init__(self, exe, seconds: float = 30, threads: int = 3) -> None:
+        self.exe = str(exe)
+        self.proc = subprocess.Popen([self.exe, str(seconds), str(threads)], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == "ready\n"
+        self.pid = self.proc.pid
+
+    def code(self) -> dict[str, bytes]:
+        """Every executable mapping's bytes, keyed by its maps line."""
+        out = {}
+        with open(f"/proc/{self.pid}/maps") as maps, open(f"/proc/{self.pid}/mem", "rb") as mem:
+            for line in maps:
+                fields = line.split()
+                if "x" not in fields[1] or fields[-1] in ("[vsyscall]", "[vdso]"):
+                    continue
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                mem.seek(lo)
+                out[line] = mem.read(hi - lo)
+        return out
+
+    def maps(self) -> list[str]:
+        with open(f"/proc/{self.pid}/maps") as f:
+            return f.read().splitlines()
+
+    def tracer(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+        raise AssertionError("no TracerPid")
+
+    def threads(self) -> list[int]:
+        return sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
+
+    def states(self) -> set[str]:
+        out = set()
+        for t in self.threads():
+            with open(f"/proc/{self.pid}/task/{t}/stat") as f:
+                out.add(f.read().rsplit(")", 1)[1].split()[0])
+        return out
+
+    def finish(self) -> str:
+        """Ask it to stop (SIGUSR1), check it exits normally, return its last line."""
+        self.proc.send_signal(signal.SIGUSR1)
+        out, _ = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0
+        assert out.startswith("total=")
+        return out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def spin(build):
+    s = Spin(build("spin"))
+    yield s
+    s.kill()
+
+
+def _work_address(spin: Spin) -> int:
+    probe = resolve_probe(parse_event(f"uprobe:{spin.exe}:work"), spin.exe)
+    for line in spin.maps():
+        f = line.split()
+        lo, hi = (int(x, 16) for x in f[0].split("-"))
+        off = int(f[2], 16)
+        if f[-1] == spin.exe and "x" in f[1] and off <= probe.file_offset < off + hi - lo:
+            return lo + probe.file_offset - off
+    raise AssertionError("work is not mapped")
+
+
+def test_attach_for_the_life_of_a_command(spin):
+    code_before, maps_before = spin.code(), spin.maps()
+    r = run_pmu("stat", "-x,", "-p", spin.pid, "-e", "uprobe:work", "--", "sleep", "1")
+    assert r.returncode == 0, r.stderr
+    count = stat_counts(r.stderr)["uprobe:work"]
+    assert count > 100  # three threads call work every ~200 µs
+    assert spin.tracer() == 0
+    assert spin.code() == code_before  # every byte restored
+    assert spin.maps() == maps_before  # the out-of-line area is gone
+    assert spin.states() <= {"S", "R"}
+    spin.finish()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_attach_until_a_signal(spin, sig):
+    code_before, maps_before = spin.code(), spin.maps()
+    work = _work_address(spin)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    pmu = subprocess.Popen(
+        [os.sys.executable, "-m", "pmu", "stat", "-x,", "-p", str(spin.pid), "-e", "uprobe:work"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 20
+    while spin.tracer() == 0 and time.monotonic() < deadline:  # wait until attached and armed
+        time.sleep(0.05)
+    time.sleep(0.5)
+    with open(f"/proc/{spin.pid}/mem", "rb") as mem:
+        mem.seek(work)
+        assert mem.read(1) == b"\xcc"  # armed while attached
+    pmu.send_signal(sig)
+    _, err = pmu.communicate(timeout=30)
+    assert pmu.returncode == 0, err
+    assert "Traceback" not in err
+    assert stat_counts(err)["uprobe:work"] > 50
+    assert spin.tracer() == 0
+    assert spin.code() == code_before
+    assert spin.maps() == maps_before
+    spin.finish()
+
+
+def test_attach_until_the_process_exits(build):
+    s = Spin(build("spin"), seconds=1)
+    r = run_pmu("stat", "-x,", "-p", s.pid, "-e", "uprobe:work")
+    assert r.returncode == 0, r.stderr
+    assert stat_counts(r.stderr)["uprobe:work"] > 100
+    out, _ = s.proc.communicate(timeout=10)
+    assert s.proc.returncode == 0 and out.startswith("total=")
+
+
+def test_attach_per_thread_and_single_thread(spin):
+    r = run_pmu("stat", "-x,", "--per-thread", "-p", spin.pid, "-e", "uprobe:work", "--", "sleep", "0.5")
+    assert r.returncode == 0, r.stderr
+    per = per_thread_counts(r.stderr)
+    workers = [t for t in spin.threads() if t != spin.pid]
+    assert {tid for (_, tid) in per} == set(workers)  # main only joins; every worker hit
+    r = run_pmu("stat", "-x,", "-t", workers[0], "-e", "uprobe:work", "--", "sleep", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert stat_counts(r.stderr)["uprobe:work"] > 50
+    r = run_pmu("stat", "-x,", "-t", spin.pid, "-e", "uprobe:work", "--", "sleep", "0.5")
+    assert stat_counts(r.stderr)["uprobe:work"] == 0  # the main thread never calls work
+    assert spin.tracer() == 0
+    spin.finish()
+
+
+def test_attach_errors(spin, tmp_path):
+    r = run_pmu("stat", "-p", "999999999", "-e", "uprobe:/bin/true:main")
+    assert r.returncode == 2 and r.stderr.strip() == "pmu: no process with pid 999999999"
+    r = run_pmu("stat", "-p", "12x", "-e", "uprobe:work")
+    assert r.returncode == 2 and "bad pid list" in r.stderr
+    # Already traced: a first pmu holds it, a second one is told who.
+    first = subprocess.Popen(
+        [os.sys.executable, "-m", "pmu", "stat", "-x,", "-p", str(spin.pid), "-e", "uprobe:work"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 20
+    while spin.tracer() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = run_pmu("stat", "-p", spin.pid, "-e", "uprobe:work")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"pmu: process {spin.pid} is already traced by pid {first.pid} (a debugger?)"
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=30)
+    assert first.returncode == 0
+    assert spin.tracer() == 0
+    spin.finish()
+
+
+def test_another_users_process(spin):
+    """pmu run as nobody may not trace root's process: one line naming the reason and the fix."""
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+           os.sys.executable, "-m", "pmu", "stat", "-p", str(spin.pid), "-e", f"uprobe:{spin.exe}:work"]
+    try:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/", env=env)
+    except FileNotFoundError:
+        pytest.skip("setpriv is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run pmu as another user")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot trace process" in lines[0] and "permission denied" in lines[0], r.stderr
+    assert spin.tracer() == 0
+    spin.finish()
