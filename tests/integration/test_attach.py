@@ -19,7 +19,9 @@ class Spin:
 
     def __init__(self, exe, seconds: float = 30, threads: int = 3) -> None:
         self.exe = str(exe)
-        self.proc = subprocess.Popen([self.exe, str(seconds), str(threads)], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [self.exe, str(seconds), str(threads)], stdout=subprocess.PIPE, text=True
+        )
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline() == "ready\n"
         self.pid = self.proc.pid
@@ -110,7 +112,9 @@ def test_attach_until_a_signal(spin, sig):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     pmu = subprocess.Popen(
         [os.sys.executable, "-m", "pmu", "stat", "-x,", "-p", str(spin.pid), "-e", "uprobe:work"],
-        stderr=subprocess.PIPE, text=True, env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     deadline = time.monotonic() + 20
     while spin.tracer() == 0 and time.monotonic() < deadline:  # wait until attached and armed
@@ -162,7 +166,8 @@ def test_attach_errors(spin, tmp_path):
     # Already traced: a first pmu holds it, a second one is told who.
     first = subprocess.Popen(
         [os.sys.executable, "-m", "pmu", "stat", "-x,", "-p", str(spin.pid), "-e", "uprobe:work"],
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 20
     while spin.tracer() == 0 and time.monotonic() < deadline:
@@ -179,8 +184,20 @@ def test_attach_errors(spin, tmp_path):
 
 def test_another_users_process(spin):
     """pmu run as nobody may not trace root's process: one line naming the reason and the fix."""
-    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-           os.sys.executable, "-m", "pmu", "stat", "-p", str(spin.pid), "-e", f"uprobe:{spin.exe}:work"]
+    cmd = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        os.sys.executable,
+        "-m",
+        "pmu",
+        "stat",
+        "-p",
+        str(spin.pid),
+        "-e",
+        f"uprobe:{spin.exe}:work",
+    ]
     try:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/", env=env)
@@ -190,6 +207,8 @@ def test_another_users_process(spin):
         pytest.skip("needs root to run pmu as another user")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot trace process" in lines[0] and "permission denied" in lines[0], r.stderr
+    assert len(lines) == 1 and "cannot trace process" in lines[0] and "permission denied" in lines[0], (
+        r.stderr
+    )
     assert spin.tracer() == 0
     spin.finish()
