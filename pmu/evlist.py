@@ -207,9 +207,7 @@ class Evlist:
 
     def per_task(self, evsel: Evsel) -> list[tuple[Task, Counts]]:
         """Each thread the evsel counted on, with that thread's own counts."""
-        return [
-            (t, c) for e in evsel.events for t, c in self.sched.per_task(e) if isinstance(t, Task)
-        ]
+        return [(t, c) for e in evsel.events for t, c in self.sched.per_task(e) if isinstance(t, Task)]
 
     def per_process(self, evsel: Evsel) -> list[tuple[Task, Counts]]:
         """Counts summed per process, keyed by the process's first task seen."""
