@@ -194,6 +194,17 @@ class Evlist:
 
     # ---- reading --------------------------------------------------------------------------------
 
+    def errors(self) -> list[str]:
+        """One line per evsel whose events failed to be scheduled (the reason the scheduler kept)."""
+        out = []
+        for evsel in self.evsels:
+            for e in evsel.events:
+                err = self.sched.error(e)
+                if err is not None:
+                    out.append(f"{evsel.name}: {err.message}")
+                    break
+        return out
+
     def read(self, evsel: Evsel) -> Counts | None:
         """The evsel's total over its events; None if it was never enabled."""
         total = [self.sched.read(e) for e in evsel.events]

@@ -12,11 +12,12 @@ import contextlib
 from dataclasses import dataclass, field
 
 from pmu.core import EF_START, Task
-from pmu.errors import EventSpecError
+from pmu.errors import EventSpecError, RelocationError
 from pmu.events.event import Event, HookReason
 from pmu.events.spec import ProbeKind, ProbeSpec
 from pmu.events.symbols import ResolvedProbe, resolve_probe, resolve_target
 from pmu.trace.maps import addresses_of, mapped_files
+from pmu.trace.relocate import build_slot
 from pmu.trace.tasks import AddressSpace
 from pmu.trace.tasks import Task as TraceTask
 from pmu.trace.tracer import Tracer
@@ -75,6 +76,7 @@ class UprobePmu:
                 raise EventSpecError(f"'{spec.text}': uretprobe events are not supported yet")
             path = resolve_target(spec.target, self.exe, mapped or [])
             found = resolve_probe(spec, path)
+            _check_relocatable(found)
             self._resolved[spec] = found
         return found
 
@@ -162,3 +164,14 @@ class UprobePmu:
             self.tracer.remove(site.mm, addr, site.hit)
         site.addrs = set()
         self._sites.pop((site.mm, site.probe), None)
+
+
+def _check_relocatable(probe: ResolvedProbe) -> None:
+    """Refuse, before anything runs, a probe whose instruction cannot be executed out of line."""
+    with open(probe.path, "rb") as f:
+        f.seek(probe.file_offset)
+        code = f.read(16)
+    try:
+        build_slot(code, probe.vaddr, probe.vaddr + 0x10000)
+    except RelocationError as err:
+        raise RelocationError(f"cannot probe {probe.description}: {err}") from None

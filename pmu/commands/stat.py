@@ -149,4 +149,6 @@ def run(args: argparse.Namespace) -> int:
             raise FileError(f"cannot write {args.output}: {err.strerror}") from None
     else:
         write(report, sys.stderr, csv_sep=args.sep, json=args.json, numbers=numbers)
+    for line in evlist.errors():
+        sys.stderr.write(f"pmu: {line}\n")
     return result.status

@@ -70,3 +70,11 @@ def test_unknown_option():
 def test_list_bad_target():
     r = run_pmu("list", "/no/such/file")
     _one_line_error(r, "no such file")
+
+
+def test_unrelocatable_instruction(build):
+    reloc = build("reloc")
+    r = run_pmu("stat", "-e", "uprobe:f_ud2", "--", reloc, "1")
+    _one_line_error(r, "cannot probe f_ud2", "ud2")
+    assert r.stdout == ""
+    assert processes_running(reloc) == []

@@ -31,6 +31,11 @@ __attribute__((naked, noinline)) long f_cmpimm(void) {
     __asm__("cmpq $11, table(%rip)\n\tsete %al\n\tmovzbl %al, %eax\n\tret");
 }
 
+/* never called: its first instruction cannot run out of line */
+__attribute__((naked, noinline)) void f_ud2(void) {
+    __asm__("ud2");
+}
+
 int main(int argc, char **argv) {
     long n = argc > 1 ? atol(argv[1]) : 1;
     long s = 0;
