@@ -9,28 +9,43 @@ breakpoint through the tracer's reference counting.
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pmu.core import EF_START, Task
-from pmu.errors import EventSpecError, RelocationError
+from pmu.errors import RelocationError
+from pmu.events.attr import EventAttr
 from pmu.events.event import Event, HookReason
 from pmu.events.spec import ProbeKind, ProbeSpec
 from pmu.events.symbols import ResolvedProbe, resolve_probe, resolve_target
 from pmu.trace.maps import addresses_of, mapped_files
 from pmu.trace.relocate import build_slot
-from pmu.trace.tasks import AddressSpace
+from pmu.trace.tasks import AddressSpace, ReturnFrame
 from pmu.trace.tasks import Task as TraceTask
 from pmu.trace.tracer import Tracer
+
+if TYPE_CHECKING:
+    from pmu.ring import Ring
+
+RECORD_RETURN = 1
+"""Bit 0 of a ring record's flags: the record is a function return (see pmu/ring.py)."""
 
 
 class _Entry:
     """One event counting on one thread at a site; `running` is what start/stop flip."""
 
-    __slots__ = ("event", "running")
+    __slots__ = ("event", "running", "index", "period", "nargs")
 
-    def __init__(self, event: Event, running: bool) -> None:
+    def __init__(self, event: Event, running: bool, index: int) -> None:
         self.event = event
         self.running = running
+        self.index = index
+        """The event's index in the ring's records (its evsel's position)."""
+        self.period = event.attr.sample_period
+        self.nargs = event.attr.sample_args
 
 
 @dataclass(eq=False)
@@ -39,15 +54,12 @@ class _Site:
 
     mm: AddressSpace
     probe: ResolvedProbe
+    returns: bool
+    """A uretprobe: the entry hijacks the return, and the return is what counts."""
     by_tid: dict[int, list[_Entry]] = field(default_factory=dict)
     addrs: set[int] = field(default_factory=set)
-
-    def hit(self, task: TraceTask) -> None:
-        entries = self.by_tid.get(task.tid)
-        if entries:
-            for entry in entries:
-                if entry.running:
-                    entry.event.count += 1
+    hooks: dict[int, Callable[[TraceTask], None]] = field(default_factory=dict)
+    """The breakpoint consumer made for each address (the same object is given back on removal)."""
 
     def empty(self) -> bool:
         return not any(self.by_tid.values())
@@ -63,8 +75,12 @@ class UprobePmu:
         self.tracer = tracer
         self.exe = exe
         self._resolved: dict[ProbeSpec, ResolvedProbe] = {}
-        self._sites: dict[tuple[AddressSpace, ResolvedProbe], _Site] = {}
+        self._sites: dict[tuple[AddressSpace, ResolvedProbe, bool], _Site] = {}
         self._placed: dict[Event, tuple[_Site, _Entry]] = {}
+        self.ring: Ring | None = None
+        """Where sample records go (pmu record); None when only counting."""
+        self.index_of: dict[EventAttr, int] = {}
+        """Each attr's index in ring records, set by the evlist."""
 
     # ---- resolution -----------------------------------------------------------------------------
 
@@ -72,8 +88,6 @@ class UprobePmu:
         """Resolve an event string to a (file, offset) once; raises PmuError with a one-line message."""
         found = self._resolved.get(spec)
         if found is None:
-            if spec.kind is ProbeKind.URETPROBE:
-                raise EventSpecError(f"'{spec.text}': uretprobe events are not supported yet")
             path = resolve_target(spec.target, self.exe, mapped or [])
             found = resolve_probe(spec, path)
             _check_relocatable(found)
@@ -95,10 +109,11 @@ class UprobePmu:
         assert isinstance(task, TraceTask)
         probe: ResolvedProbe = event.pmu_private
         mm = task.mm
-        site = self._sites.get((mm, probe))
+        returns = event.attr.probe.kind is ProbeKind.URETPROBE
+        site = self._sites.get((mm, probe, returns))
         if site is None:
-            site = self._sites[(mm, probe)] = _Site(mm, probe)
-        entry = _Entry(event, bool(flags & EF_START))
+            site = self._sites[(mm, probe, returns)] = _Site(mm, probe, returns)
+        entry = _Entry(event, bool(flags & EF_START), self.index_of.get(event.attr, 0))
         site.by_tid.setdefault(task.tid, []).append(entry)
         self._placed[event] = (site, entry)
         if not site.addrs:
@@ -139,7 +154,7 @@ class UprobePmu:
 
     def maps_changed(self, mm: AddressSpace) -> None:
         """Arm probes whose files were just mapped in mm; forget addresses that were unmapped."""
-        for (site_mm, _), site in list(self._sites.items()):
+        for (site_mm, _, _), site in list(self._sites.items()):
             if site_mm is mm:
                 self._arm(site)
 
@@ -155,15 +170,70 @@ class UprobePmu:
         now = set(addresses_of(maps, probe.key.dev, probe.key.ino, probe.file_offset))
         for addr in site.addrs - now:
             self.tracer.forget_mapping(mm, addr)
+            site.hooks.pop(addr, None)
         for addr in sorted(now - site.addrs):
-            self.tracer.insert(mm, addr, site.hit)
+            if site.returns:
+                self.tracer.return_trampoline(mm, addr)
+                hook = functools.partial(self._entered, site, addr)
+            else:
+                hook = functools.partial(self._hit, site, addr)
+            site.hooks[addr] = hook
+            self.tracer.insert(mm, addr, hook)
         site.addrs = now
 
     def _disarm(self, site: _Site) -> None:
         for addr in site.addrs:
-            self.tracer.remove(site.mm, addr, site.hit)
+            hook = site.hooks.pop(addr, None)
+            if hook is not None:
+                self.tracer.remove(site.mm, addr, hook)
         site.addrs = set()
-        self._sites.pop((site.mm, site.probe), None)
+        self._sites.pop((site.mm, site.probe, site.returns), None)
+
+    # ---- hits (the hot path) --------------------------------------------------------------------
+
+    def _hit(self, site: _Site, addr: int, task: TraceTask) -> None:
+        entries = site.by_tid.get(task.tid)
+        if entries:
+            for entry in entries:
+                if entry.running:
+                    event = entry.event
+                    event.count += 1
+                    if entry.period and event.count % entry.period == 0:
+                        self._sample(entry, task, addr)
+
+    def _entered(self, site: _Site, addr: int, task: TraceTask) -> None:
+        """Entry of a function with return probes: hijack its return if anything counts it."""
+        entries = site.by_tid.get(task.tid)
+        if entries and any(e.running for e in entries):
+            self.tracer.hijack_return(task, functools.partial(self._returned, site, addr))
+
+    def _returned(self, site: _Site, addr: int, task: TraceTask, frame: ReturnFrame, retval: int) -> None:
+        entries = site.by_tid.get(task.tid)
+        if entries:
+            latency = -1
+            for entry in entries:
+                if entry.running:
+                    event = entry.event
+                    event.count += 1
+                    if entry.period and event.count % entry.period == 0:
+                        if latency < 0:
+                            latency = time.monotonic_ns() - frame.entry_ns
+                        self._sample(entry, task, addr, retval, latency, RECORD_RETURN)
+
+    def _sample(
+        self,
+        entry: _Entry,
+        task: TraceTask,
+        ip: int,
+        retval: int = 0,
+        latency_ns: int = -1,
+        flags: int = 0,
+    ) -> None:
+        ring = self.ring
+        if ring is None:
+            return
+        args = self.tracer.arguments(task, entry.nargs) if entry.nargs else ()
+        ring.write(entry.index, time.monotonic_ns(), task.tid, task.pid, ip, args, retval, latency_ns, flags)
 
 
 def _check_relocatable(probe: ResolvedProbe) -> None:

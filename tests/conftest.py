@@ -115,9 +115,9 @@ class KernelUprobes:
     def __init__(self) -> None:
         self.names: list[str] = []
 
-    def add(self, name: str, path: str, file_offset: int) -> str:
-        """Place p:pmutest/NAME PATH:0xOFFSET; returns the perf event name."""
-        _tracefs_write(f"p:pmutest/{name} {path}:{file_offset:#x}\n")
+    def add(self, name: str, path: str, file_offset: int, ret: bool = False) -> str:
+        """Place p:pmutest/NAME PATH:0xOFFSET (r: for a return probe); returns the perf event name."""
+        _tracefs_write(f"{'r' if ret else 'p'}:pmutest/{name} {path}:{file_offset:#x}\n")
         self.names.append(name)
         return f"pmutest:{name}"
 

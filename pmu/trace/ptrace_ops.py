@@ -91,6 +91,7 @@ _REG_NAMES = [
 REG_OFFSET = {name: 8 * i for i, name in enumerate(_REG_NAMES)}
 RIP = REG_OFFSET["rip"]
 RSP = REG_OFFSET["rsp"]
+RAX = REG_OFFSET["rax"]
 
 _ptrace = _func.ptrace
 

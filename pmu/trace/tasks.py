@@ -25,6 +25,26 @@ class TaskState(Enum):
     """Gone."""
 
 
+ReturnHandler = Callable[["Task", "ReturnFrame", int], None]
+"""Called at a hijacked return with the task, its frame and the function's return value (rax)."""
+
+
+@dataclass(eq=False)
+class ReturnFrame:
+    """One hijacked return: the stack slot whose return address we replaced with the trampoline."""
+
+    rsp: int
+    """Address of the return-address slot (RSP at function entry)."""
+    orig: int
+    """The real return address."""
+    handler: ReturnHandler
+    entry_ns: int
+    """CLOCK_MONOTONIC at entry, for latency."""
+    chained: bool = False
+    """The slot already held the trampoline (a tail call out of a probed function): returning from
+    this frame also returns from the frame below it."""
+
+
 @dataclass(eq=False)
 class Task:
     """One traced thread. Satisfies pmu.core.Task."""
@@ -35,6 +55,8 @@ class Task:
     state: TaskState = TaskState.NEW
     detach_on_stop: bool = False
     """Detach at its first stop (a forked child nobody counts)."""
+    shadow: list[ReturnFrame] = field(default_factory=list)
+    """Hijacked returns, innermost last (the per-thread shadow stack of return probes)."""
     _comm: str | None = None
 
     @property
@@ -89,6 +111,8 @@ class AddressSpace:
         self.removed: set[int] = set()
         """Addresses whose int3 we removed: a trap already raised there is ours and is rewound."""
         self.areas: list[SlotArea] = []
+        self.ret_tramp: int | None = None
+        """Address of the int3 that hijacked returns land on (in an out-of-line area)."""
         self.internal: dict[int, str] = {}
         """Tracer-owned breakpoints (address -> purpose), such as the dynamic linker's r_brk."""
         self.dead = False

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -22,7 +23,16 @@ from pmu.trace import ptrace_ops as pt
 from pmu.trace.maps import PAGE, free_gap_near
 from pmu.trace.relocate import SLOT_SIZE, build_slot
 from pmu.trace.rtld import debug_state_address
-from pmu.trace.tasks import AddressSpace, Breakpoint, BreakpointHandler, SlotArea, Task, TaskState
+from pmu.trace.tasks import (
+    AddressSpace,
+    Breakpoint,
+    BreakpointHandler,
+    ReturnFrame,
+    ReturnHandler,
+    SlotArea,
+    Task,
+    TaskState,
+)
 
 INT3 = b"\xcc"
 AREA_SIZE = 16 * PAGE
@@ -226,6 +236,13 @@ class Tracer:
         try:
             rip = pt.peek_user(tid, pt.RIP)
             bp = task.mm.breakpoints.get(rip - 1)
+            returned = bp is None and rip - 1 == task.mm.ret_tramp and task.shadow
+            if returned and pt.siginfo_code(tid)[1] == pt.SI_KERNEL:
+                task.state = TaskState.STOPPED
+                pt.poke_user(tid, pt.RIP, self._returned(task))
+                pt.cont(tid, 0)
+                task.state = TaskState.RUNNING
+                return
             if bp is not None or (rip - 1) in task.mm.removed:
                 _, code = pt.siginfo_code(tid)
                 if code == pt.SI_KERNEL:
@@ -295,9 +312,14 @@ class Tracer:
                 mm.breakpoints[addr] = Breakpoint(addr, bp.orig, bp.slot)
             mm.areas = [SlotArea(a.base, a.size, a.used) for a in parent.mm.areas]
             mm.internal = dict(parent.mm.internal)
+            mm.ret_tramp = parent.mm.ret_tramp
             for addr in mm.internal:
                 mm.breakpoints[addr].consumers.append(self._rtld_hit)
         child = Task(tid=child_tid, pid=parent.pid if thread else child_tid, mm=mm)
+        if mm is not parent.mm:  # the child's stack is a copy: so are the hijacked returns on it
+            child.shadow = [
+                ReturnFrame(f.rsp, f.orig, f.handler, f.entry_ns, f.chained) for f in parent.shadow
+            ]
         mm.tasks.add(child)
         self.tasks[child_tid] = child
         self.listener.task_new(child, parent, fork=not thread)
@@ -306,6 +328,7 @@ class Tracer:
                 # Nobody counts this child: take every byte of ours out of its memory and let it go.
                 for bp in list(mm.breakpoints.values()):
                     bp.consumers.clear()
+                self._unhijack(child)
                 child.detach_on_stop = True
             self.collect(mm)  # whatever no event re-added is restored in the child
         early = self.early.pop(child_tid, None)
@@ -337,6 +360,7 @@ class Tracer:
             old.dead = True
             old.close()
         task.pid = task.tid
+        task.shadow.clear()
         task.mm = AddressSpace(task.tid)
         task.mm.tasks.add(task)
 
@@ -390,6 +414,89 @@ class Tracer:
             mm.write(addr, INT3)
             mm.removed.discard(addr)
             mm.breakpoints[addr] = Breakpoint(addr, code[:1], slot, [consumer])
+
+    # ---- return probes --------------------------------------------------------------------------
+
+    def return_trampoline(self, mm: AddressSpace, near: int) -> int:
+        """The int3 hijacked returns land on in mm (made on first use, with every thread stopped)."""
+        if mm.ret_tramp is None:
+            with self.stopped(mm) as tid:
+                slot = self._alloc_slot(mm, near, tid)
+                mm.write(slot, INT3)
+                mm.ret_tramp = slot
+        return mm.ret_tramp
+
+    def hijack_return(self, task: Task, handler: ReturnHandler) -> None:
+        """At a function's entry: make its return trap, so that `handler` runs when it returns.
+
+        The return address at [RSP] is replaced by the trampoline and kept on the task's shadow stack
+        (as the kernel's uretprobes do). Frames left without returning (longjmp) are dropped when a
+        later entry or return finds them below the stack pointer.
+        """
+        mm = task.mm
+        tramp = mm.ret_tramp
+        if tramp is None:
+            return
+        rsp = pt.peek_user(task.tid, pt.RSP)
+        orig = int.from_bytes(mm.read(rsp, 8), "little")
+        shadow = task.shadow
+        chained = orig == tramp
+        if chained:
+            while shadow and shadow[-1].rsp < rsp:
+                shadow.pop()
+            if not shadow:  # not one of ours after all: leave it alone
+                return
+        else:
+            while shadow and shadow[-1].rsp <= rsp:
+                shadow.pop()
+            mm.write(rsp, tramp.to_bytes(8, "little"))
+        shadow.append(ReturnFrame(rsp, orig, handler, time.monotonic_ns(), chained))
+
+    def arguments(self, task: Task, n: int) -> tuple[int, ...]:
+        """The first n integer arguments (x86-64 SysV: rdi, rsi, rdx, rcx, r8, r9) of a stopped task."""
+        regs = pt.get_regs(task.tid)
+        return (regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9)[:n]
+
+    def _returned(self, task: Task) -> int:
+        """A hijacked return trapped: run its handlers, return the real return address."""
+        slot = pt.peek_user(task.tid, pt.RSP) - 8
+        shadow = task.shadow
+        while shadow and shadow[-1].rsp < slot:
+            shadow.pop()  # frames longjmp'd over
+        if not shadow:
+            raise TraceError(
+                f"thread {task.tid} returned through pmu's trampoline with no frame to return to"
+            )
+        retval = pt.peek_user(task.tid, pt.RAX)
+        frame = shadow.pop()
+        frame.handler(task, frame, retval)
+        while frame.chained and shadow:
+            frame = shadow.pop()
+            frame.handler(task, frame, retval)
+        return frame.orig
+
+    def _unhijack(self, task: Task) -> None:
+        """Put back every return address of task's shadow stack (before it leaves our care)."""
+        mm = task.mm
+        tramp = mm.ret_tramp
+        if tramp is None or not task.shadow:
+            return
+        if task.state is TaskState.STOPPED and pt.peek_user(task.tid, pt.RIP) == tramp:
+            pt.poke_user(task.tid, pt.RIP, self._returned_silently(task))
+        for frame in task.shadow:
+            if not frame.chained and mm.read(frame.rsp, 8) == tramp.to_bytes(8, "little"):
+                mm.write(frame.rsp, frame.orig.to_bytes(8, "little"))
+        task.shadow.clear()
+
+    def _returned_silently(self, task: Task) -> int:
+        slot = pt.peek_user(task.tid, pt.RSP) - 8
+        shadow = task.shadow
+        while shadow and shadow[-1].rsp < slot:
+            shadow.pop()
+        frame = shadow.pop()
+        while frame.chained and shadow:
+            frame = shadow.pop()
+        return frame.orig
 
     def remove(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None:
         """Drop `consumer` from the int3 at `addr`; restore the original byte when it was the last."""
@@ -574,9 +681,8 @@ class Tracer:
                 with contextlib.suppress(pt.PtraceError):
                     rip = pt.peek_user(tid, pt.RIP)
                     mm = task.mm
-                    if (rip - 1 in mm.breakpoints or rip - 1 in mm.removed) and pt.siginfo_code(tid)[
-                        1
-                    ] == pt.SI_KERNEL:
+                    ours = rip - 1 in mm.breakpoints or rip - 1 in mm.removed or rip - 1 == mm.ret_tramp
+                    if ours and pt.siginfo_code(tid)[1] == pt.SI_KERNEL:
                         pt.poke_user(tid, pt.RIP, rip - 1)  # run the original instruction after detach
                         continue
             deliver[tid] = sig
@@ -585,6 +691,7 @@ class Tracer:
     def _leave_mm(self, mm: AddressSpace, deliver: dict[int, int]) -> None:
         """With every thread of mm stopped: step threads out of slots, restore bytes, unmap areas."""
         for t in list(mm.tasks):
+            self._unhijack(t)
             self._step_out_of_slots(t, deliver)
         for bp in list(mm.breakpoints.values()):
             with contextlib.suppress(OSError):

@@ -1,0 +1,84 @@
+"""Return probes: entries, returns and recursion pair up; longjmp and tail calls leave behaviour as it was."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+
+from pmu.events.spec import parse_event
+from pmu.events.symbols import resolve_probe
+from tests.conftest import run_pmu, stat_counts
+
+FUNCS = ["fib", "jumper", "deep", "tail", "leaf"]
+
+
+def _expected(n: int, rounds: int) -> dict[str, int]:
+    fib_calls = [1, 1]  # calls made by fib(i), itself included
+    for _ in range(2, n + 1):
+        fib_calls.append(fib_calls[-1] + fib_calls[-2] + 1)
+    jumped = rounds // 2  # odd rounds longjmp out of deep (and jumper)
+    counts = {
+        "uprobe:fib": fib_calls[n],
+        "uretprobe:fib": fib_calls[n],
+        "uprobe:jumper": rounds,
+        "uretprobe:jumper": rounds - jumped,
+        "uprobe:deep": 4 * rounds,
+        "uretprobe:deep": 4 * (rounds - jumped),
+        "uprobe:tail": rounds,
+        "uretprobe:tail": rounds,
+        "uprobe:leaf": rounds,
+        "uretprobe:leaf": rounds,
+    }
+    return counts
+
+
+def test_entries_returns_longjmp_and_tail_calls(build):
+    ret = build("ret")
+    plain = subprocess.run([ret, "12", "6"], capture_output=True, text=True)
+    events = [a for f in FUNCS for a in ("-e", f"uretprobe:{f}", "-e", f"uprobe:{f}")]
+    r = run_pmu("stat", "-x,", *events, "--", ret, "12", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == plain.stdout  # longjmp over a probed frame and tail calls behave as without pmu
+    assert stat_counts(r.stderr) == _expected(12, 6)
+
+
+def test_equal_to_kernel_uretprobes(build, kernel_uprobes):
+    ret = str(build("ret"))
+    names = {}
+    for f in FUNCS:
+        probe = resolve_probe(parse_event(f"uprobe:{ret}:{f}"), ret)
+        names[f"uretprobe:{f}"] = kernel_uprobes.add(f"r_{f}", ret, probe.file_offset, ret=True)
+    perf = kernel_uprobes.stat(list(names.values()), [ret, "12", "6"])
+    r = run_pmu("stat", "-x,", *[a for e in names for a in ("-e", e)], "--", ret, "12", "6")
+    ours = stat_counts(r.stderr)
+    assert ours == {e: perf[k] for e, k in names.items()}
+
+
+def test_threads_and_return_values(build):
+    slowret = build("slowret")
+    r = run_pmu("stat", "-x,", "-e", "uretprobe:slow", "-e", "uprobe:slow", "--", slowret, "0.3", "3")
+    assert r.returncode == 0, r.stderr + r.stdout
+    calls = int(re.search(r"calls=(\d+) bad=0", r.stdout).group(1))
+    assert stat_counts(r.stderr) == {"uretprobe:slow": calls, "uprobe:slow": calls}
+
+
+@pytest.mark.parametrize("seconds", ["0.3", "0.7"])
+def test_detach_with_hijacked_returns(build, seconds):
+    """Detaching while threads sit inside probed functions puts their return addresses back."""
+    slowret = build("slowret")
+    proc = subprocess.Popen([slowret, "3", "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(0.1)
+        r = run_pmu("stat", "-x,", "-p", proc.pid, "-e", "uretprobe:slow", "--", "sleep", seconds)
+        assert r.returncode == 0, r.stderr
+        assert stat_counts(r.stderr)["uretprobe:slow"] > 100
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert re.match(r"calls=\d+ bad=0", out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
