@@ -395,7 +395,7 @@ def _read_elf(elf: Any, path: str, file_size: int) -> _ElfInfo:
     executable = np.array([bool(sec["sh_flags"] & _SHF_EXECINSTR) for sec in sections] + [False])
     section_ends = [sec["sh_addr"] + sec["sh_size"] for sec in sections]
 
-    versions = _version_names(elf, sections)
+    versions = _version_names(path, sections, file_size)
     candidates: dict[str, dict[int, _Symbol]] = {}
 
     def add(name: str, symbol: _Symbol) -> None:
@@ -496,24 +496,42 @@ def _name_rank(symbol: _Symbol) -> tuple[bool, bool, int, int, str]:
     return (symbol.local, "@" in name, len(name) - len(name.lstrip("_")), len(name), name)
 
 
-def _version_names(elf: Any, sections: list[Any]) -> dict[int, list[tuple[str, bool] | None]]:
-    """For each dynamic symbol table (by section index): per symbol, (version name, hidden) or None."""
-    from elftools.elf.gnuversions import GNUVerDefSection, GNUVerSymSection
+def _version_names(
+    path: str, sections: list[Any], file_size: int
+) -> dict[int, list[tuple[str, bool] | None]]:
+    """For each dynamic symbol table (by section index): per symbol, (version name, hidden) or None.
 
+    .gnu.version_d is walked here with bounded loops: pyelftools' iterator never ends on a corrupt
+    chain (vd_next or vda_next pointing back).
+    """
     defined: dict[int, str] = {}
     for section in sections:
-        if isinstance(section, GNUVerDefSection):
-            for verdef, auxiliaries in section.iter_versions():
-                aux = next(iter(auxiliaries), None)
-                if aux is not None and not verdef["vd_flags"] & 0x1:  # skip VER_FLG_BASE (the soname)
-                    defined[verdef["vd_ndx"]] = aux.name
+        if section["sh_type"] != "SHT_GNU_verdef" or section["sh_link"] >= len(sections):
+            continue
+        data = _section_bytes(section, path, file_size)
+        strtab = _section_bytes(sections[section["sh_link"]], path, file_size)
+        at = 0
+        for _ in range(min(section["sh_info"], len(data) // 20)):
+            if at + 20 > len(data):
+                break
+            flags, ndx, count = (int.from_bytes(data[at + i : at + i + 2], "little") for i in (2, 4, 6))
+            aux = at + int.from_bytes(data[at + 12 : at + 16], "little")
+            if count and aux + 8 <= len(data) and not flags & 0x1:  # skip VER_FLG_BASE (the soname)
+                name_at = int.from_bytes(data[aux : aux + 4], "little")
+                name_end = strtab.find(b"\0", name_at)
+                if name_end >= 0:
+                    defined[ndx] = strtab[name_at:name_end].decode("utf-8", "replace")
+            step = int.from_bytes(data[at + 16 : at + 20], "little")
+            if step == 0:
+                break
+            at += step
     result: dict[int, list[tuple[str, bool] | None]] = {}
     if not defined:
         return result
     for section in sections:
-        if not isinstance(section, GNUVerSymSection):
+        if section["sh_type"] != "SHT_GNU_versym":
             continue
-        data: bytes = section.data()
+        data = _section_bytes(section, path, file_size)
         entries = np.frombuffer(data, dtype="<u2", count=len(data) // 2).tolist()
         result[section["sh_link"]] = [
             (defined[ver & 0x7FFF], bool(ver & _VERSYM_HIDDEN)) if ver & 0x7FFF in defined else None
@@ -589,8 +607,8 @@ def _lookup(info: _ElfInfo, name: str) -> _Symbol:
     return symbols[0]
 
 
-def _containing(info: _ElfInfo, vaddr: int, segment: _Segment) -> tuple[_Symbol, int] | None:
-    """The function holding vaddr and its extent; a symbol of unknown size extends to the next one."""
+def _containing(info: _ElfInfo, vaddr: int, segment: _Segment) -> _Symbol | None:
+    """The function holding vaddr; a symbol of unknown size extends to the next one (or its section's end)."""
     index = bisect.bisect_right(info.starts, vaddr) - 1
     for i in range(index, max(index - 8, -1), -1):
         symbol = info.at_start[i]
@@ -600,7 +618,7 @@ def _containing(info: _ElfInfo, vaddr: int, segment: _Segment) -> tuple[_Symbol,
             following = info.starts[i + 1] if i + 1 < len(info.starts) else symbol.section_end
             extent = min(following, symbol.section_end, segment.vaddr + segment.filesz) - symbol.value
         if symbol.value <= vaddr < symbol.value + extent and segment.contains(symbol.value):
-            return symbol, extent
+            return symbol
         if not symbol.size:
             break
     return None
@@ -646,7 +664,7 @@ def resolve_probe(spec: ProbeSpec, path: str) -> ResolvedProbe:
         holder = _containing(info, vaddr, segment)
         symbol, offset = None, 0
         if holder is not None:
-            found, extent = holder
+            found = holder
             symbol, offset, ifunc = found.name, vaddr - found.value, found.ifunc
             if offset:
                 _check_boundary(info, found.name, found.value, offset, f"address {vaddr:#x}")
