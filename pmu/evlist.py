@@ -14,9 +14,10 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pmu.errors import FileError, ProcessError, UsageError
 from pmu.events.attr import EventAttr
@@ -26,6 +27,11 @@ from pmu.trace.maps import mapped_files
 from pmu.trace.tasks import AddressSpace, Task
 from pmu.trace.tracer import Tracer
 from pmu.uprobe_pmu import UprobePmu
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pmu.ring import Ring
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -76,6 +82,44 @@ class Evlist:
         self.tracer = Tracer(self)
         self.uprobe = UprobePmu(self.tracer)
         self.sched = Scheduler({"uprobe": self.uprobe})
+        self.uprobe.index_of = {attr: i for i, attr in enumerate(attrs)}
+        self.ring: Ring | None = None
+        self._sink: Callable[[np.ndarray], None] | None = None
+        self.drain_interval = 0.05
+
+    def record_into(self, ring: Ring, sink: Callable[[np.ndarray], None], interval: float = 0.05) -> None:
+        """Sample into `ring` (events with a sample_period); `sink` gets the drained records, in bulk,
+        every `interval` seconds while tracing and once more at the end."""
+        self.ring = ring
+        self.uprobe.ring = ring
+        self._sink = sink
+        self.drain_interval = interval
+        self.tracer.tick = self.drain
+
+    def drain(self, final: bool = False) -> None:
+        """Move whatever the ring holds to the sink (final: no producer is left, take everything)."""
+        if self.ring is not None and self._sink is not None:
+            records = self.ring.drain(final=final)
+            if len(records):
+                self._sink(records)
+
+    @contextlib.contextmanager
+    def _ticking(self) -> Iterator[None]:
+        """While recording, a timer signal makes the tracer's loop drain the ring regularly."""
+        if self.ring is None:
+            yield
+            return
+
+        def on_alarm(signum: int, frame: FrameType | None) -> None:
+            self.tracer.tick_due = True
+
+        with _signals(on_alarm, (signal.SIGALRM,)):
+            signal.setitimer(signal.ITIMER_REAL, self.drain_interval, self.drain_interval)
+            try:
+                yield
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                self.drain(final=True)
 
     # ---- TraceListener --------------------------------------------------------------------------
 
@@ -111,7 +155,7 @@ class Evlist:
         start = time.monotonic()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         # The command gets the terminal's ^C itself, as under perf stat; pmu counts until it exits.
-        with _signals(signal.SIG_IGN, (signal.SIGINT,)):
+        with _signals(signal.SIG_IGN, (signal.SIGINT,)), self._ticking():
             task = self.tracer.launch(argv, exe)
             try:
                 for evsel in self.evsels:
@@ -150,10 +194,7 @@ class Evlist:
             # Should the signal have come just before the loop blocked, a second one wakes it.
             signal.setitimer(signal.ITIMER_REAL, 0.05)
 
-        def on_alarm(signum: int, frame: FrameType | None) -> None:
-            """Only there to interrupt a blocking wait."""
-
-        with _signals(on_signal, STOP_SIGNALS), _signals(on_alarm, (signal.SIGALRM,)):
+        with _signals(on_signal, STOP_SIGNALS), self._ticking(), _alarm_wakes():
             try:
                 for pid, tid in targets:
                     tasks = self.tracer.attach(pid, only_tid=tid)
@@ -246,6 +287,20 @@ def _signals(handler: signal.Handlers | object, signums: Sequence[int]) -> Itera
             signal.setitimer(signal.ITIMER_REAL, 0)
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _alarm_wakes() -> Iterator[None]:
+    """Make sure a SIGALRM handler is there (it only interrupts a blocking wait) unless one is."""
+    if signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        yield
+        return
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        """Only there to interrupt a blocking wait."""
+
+    with _signals(on_alarm, (signal.SIGALRM,)):
+        yield
 
 
 def _check_exe(exe: str) -> None:

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissionError
@@ -72,6 +72,9 @@ class Tracer:
         self.root: Task | None = None
         self.root_status: int | None = None
         self.stop_requested = False
+        self.tick: Callable[[], None] | None = None
+        """Called from the loop when tick_due is set (by a timer signal): drains rings while tracing."""
+        self.tick_due = False
         self.watched: int | None = None
         self.watched_status: int | None = None
         self._stopping: dict[AddressSpace, int] = {}
@@ -198,6 +201,10 @@ class Tracer:
         while self.tasks and not (root_only and self.root_status is not None):
             if self.stop_requested or self.watched_status is not None:
                 break
+            if self.tick_due:
+                self.tick_due = False
+                if self.tick is not None:
+                    self.tick()
             if pending:
                 tid, status = pending.popleft()
             else:
