@@ -154,9 +154,16 @@ class Evlist:
             self.uprobe.resolve(evsel.attr.probe)
         start = time.monotonic()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        # The command gets the terminal's ^C itself, as under perf stat; pmu counts until it exits.
+        # The command gets the terminal's ^C itself (and dies of it or not, as without pmu), as under
+        # perf stat; pmu ignores it and counts until the command exits.
+        sigint = signal.getsignal(signal.SIGINT)
+        child_signals: dict[int, signal.Handlers] = {
+            signal.SIGPIPE: signal.SIG_DFL,
+            signal.SIGXFSZ: signal.SIG_DFL,
+            signal.SIGINT: signal.SIG_IGN if sigint == signal.SIG_IGN else signal.SIG_DFL,
+        }
         with _signals(signal.SIG_IGN, (signal.SIGINT,)), self._ticking():
-            task = self.tracer.launch(argv, exe)
+            task = self.tracer.launch(argv, exe, child_signals)
             try:
                 for evsel in self.evsels:
                     evsel.events.append(self.sched.open(evsel.attr, task))

@@ -21,6 +21,9 @@ class TaskState(Enum):
     """In a ptrace-stop that we have not resumed yet."""
     GROUP_STOPPED = "group-stopped"
     """In a group-stop (SIGSTOP and friends), listened to with PTRACE_LISTEN."""
+    EXITING = "exiting"
+    """Resumed from its exit stop: it will never stop for us again (a leader may linger as a zombie
+    until its other threads are gone), so it is neither interrupted nor waited for."""
     EXITED = "exited"
     """Gone."""
 

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissionError
@@ -82,11 +82,18 @@ class Tracer:
 
     # ---- starting -------------------------------------------------------------------------------
 
-    def launch(self, argv: Sequence[str], exe: str) -> Task:
+    def launch(
+        self, argv: Sequence[str], exe: str, child_signals: Mapping[int, signal.Handlers] | None = None
+    ) -> Task:
         """Fork a child that waits on a pipe, seize it, then let it exec `exe` with `argv`.
+
+        `child_signals` are the dispositions the command starts with (by default SIGPIPE and SIGXFSZ,
+        which Python ignores, go back to SIG_DFL, as any shell would give them).
 
         The child is stopped at its exec event when this returns, nothing of the command has run.
         """
+        if child_signals is None:
+            child_signals = {signal.SIGPIPE: signal.SIG_DFL, signal.SIGXFSZ: signal.SIG_DFL}
         rfd, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
@@ -94,6 +101,8 @@ class Tracer:
                 os.close(wfd)
                 os.read(rfd, 1)
                 os.close(rfd)
+                for signum, handler in child_signals.items():
+                    signal.signal(signum, handler)
                 os.execv(exe, list(argv))
             except BaseException:
                 pass
@@ -295,6 +304,7 @@ class Tracer:
             task.remember_comm()
             self.listener.task_exit(task)
             self._resume(task)
+            task.state = TaskState.EXITING
         else:
             self._resume(task)
 
@@ -372,7 +382,7 @@ class Tracer:
         task.mm.tasks.add(task)
 
     def _exited(self, task: Task, status: int) -> None:
-        if task.state is not TaskState.EXITED:
+        if task.state not in (TaskState.EXITED, TaskState.EXITING):
             self.listener.task_exit(task)
         if task is self.root:
             self.root_status = status
