@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from pmu.errors import PmuError
 
-_SUBCOMMANDS = ("stat", "list")
+_SUBCOMMANDS = ("stat", "record", "list", "report")
 
 
 class _Parser(argparse.ArgumentParser):
