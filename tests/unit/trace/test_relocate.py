@@ -8,6 +8,7 @@ instruction under test, and compare what the original returns with what the relo
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -16,6 +17,7 @@ import pytest
 from capstone import x86
 
 from pmu.errors import RelocationError
+from pmu.trace.maps import free_gap_near, read_maps
 from pmu.trace.relocate import SLOT_SIZE, Insn, build_slot, decode, jump, relocate
 
 # --- reading code back ----------------------------------------------------------------------------------
@@ -384,16 +386,18 @@ def memory() -> Iterator[Memory]:
         pytest.skip("cannot map RWX memory here")
     mapped = [orig]
 
-    def nearby(offsets: list[int]) -> int:
-        for offset in offsets:
-            got = _map(orig + offset)
+    def nearby(around: int, reach: int) -> int:
+        """Map an area in a free gap within `reach` of `around`, found in /proc/self/maps."""
+        for _ in range(8):
+            hint = free_gap_near(read_maps(os.getpid()), around, _AREA, reach=reach)
+            got = _map(hint) if hint is not None else None
             if got is not None:
                 mapped.append(got)
                 return got
-        pytest.skip(f"cannot map RWX memory at any of {offsets} from 0x{orig:x}")
+        pytest.fail(f"no free gap for an RWX area within {reach:#x} of 0x{around:x}")
 
-    near = nearby([s * (m << 20) for m in (64, 256, 512) for s in (1, -1)])
-    far = nearby([s * (g << 30) for g in (8, 16, 64) for s in (-1, 1)])
+    near = nearby(orig, 1 << 29)
+    far = nearby(orig - (8 << 30), 1 << 30)
     assert abs(near - orig) < 1 << 30 and abs(far - orig) > 4 << 30
     area = Area(orig)
     ret_addr = area.put(bytes.fromhex("488b0424c3"))  # mov rax, [rsp]; ret
