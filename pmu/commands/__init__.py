@@ -7,6 +7,7 @@ Each subcommand module offers `add_parser(subparsers)` (registering its options 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -46,4 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_status
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # a bug of ours: the tracees were already restored by the finally blocks
+        if os.environ.get("PMU_DEBUG"):
+            raise
+        sys.stderr.write(f"pmu: internal error: {type(err).__name__}: {err} (PMU_DEBUG=1 shows where)\n")
+        return 2
     return status

@@ -212,3 +212,28 @@ def test_another_users_process(spin):
     )
     assert spin.tracer() == 0
     spin.finish()
+
+
+def test_full_disk_restores_and_detaches(spin, tmp_path):
+    """pmu's own failure mid-run (the output disk fills up) still leaves the process as it was."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tiny tmpfs")
+    disk = tmp_path / "tiny"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount tmpfs")
+    try:
+        code_before, maps_before = spin.code(), spin.maps()
+        out = disk / "big.parquet"
+        r = run_pmu(
+            "record", "-o", out, "--args", "6", "-p", spin.pid, "-e", "uprobe:work", "--", "sleep", "3"
+        )
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == f"pmu: cannot write {out}: No space left on device"
+        assert "Traceback" not in r.stderr
+        assert spin.tracer() == 0
+        assert spin.code() == code_before
+        assert spin.maps() == maps_before
+        spin.finish()
+    finally:
+        subprocess.run(["umount", str(disk)])
