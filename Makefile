@@ -23,8 +23,10 @@ venv: $(STAMP)
 	  (apt-get update -qq && apt-get install -y -qq gcc linux-perf sqlite3 libsqlite3-0 >/dev/null)
 	@touch .tools
 
+# The integration tests run twice: with jump-optimized probes (the default) and with --no-optimize.
 test: $(STAMP) .tools lint
 	$(PY) -m pytest -q tests
+	PMU_TEST_NO_OPTIMIZE=1 $(PY) -m pytest -q tests/integration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pmu tests benchmarks
@@ -47,6 +49,7 @@ demo: $(STAMP) $(DEMO)/hot
 bench: $(STAMP) .tools
 	@command -v ltrace >/dev/null || (apt-get update -qq && apt-get install -y -qq ltrace >/dev/null)
 	$(PY) benchmarks/bench_stat.py --results benchmarks/RESULTS.md
+	$(PY) benchmarks/bench_record.py --results benchmarks/RESULTS.md
 
 clean:
 	rm -rf build .tools .pytest_cache .mypy_cache .ruff_cache

@@ -77,10 +77,10 @@ def resolve_command(argv: Sequence[str]) -> str:
 class Evlist:
     """The events of one measurement and the tasks they count on."""
 
-    def __init__(self, attrs: Sequence[EventAttr]) -> None:
+    def __init__(self, attrs: Sequence[EventAttr], optimize: bool = True) -> None:
         self.evsels = [Evsel(attr) for attr in attrs]
         self.tracer = Tracer(self)
-        self.uprobe = UprobePmu(self.tracer)
+        self.uprobe = UprobePmu(self.tracer, optimize=optimize)
         self.sched = Scheduler({"uprobe": self.uprobe})
         self.uprobe.index_of = {attr: i for i, attr in enumerate(attrs)}
         self.ring: Ring | None = None
@@ -125,15 +125,20 @@ class Evlist:
 
     def task_new(self, task: Task, parent: Task, fork: bool) -> None:
         if fork:
+            if task.mm is parent.mm:  # vfork: the child borrows the parent's memory until exec
+                self.uprobe.vforked(parent, task)
             self.sched.task_fork(parent, task)
         else:
             self.sched.task_clone(parent, task)
 
     def task_exec(self, task: Task) -> None:
+        self.uprobe.vfork_done(task)
         self.sched.task_exec(task)
 
     def task_exit(self, task: Task) -> None:
+        self.uprobe.vfork_done(task)
         self.sched.task_exit(task)
+        self.uprobe.task_exited(task)
 
     def maps_changed(self, mm: AddressSpace) -> None:
         self.uprobe.maps_changed(mm)
@@ -241,6 +246,10 @@ class Evlist:
             self.tracer.detach_all()
 
     # ---- reading --------------------------------------------------------------------------------
+
+    def describe(self, evsel: Evsel) -> str:
+        """How the evsel's probe was served (optimized jump patch, or int3 and why), for -v."""
+        return self.uprobe.describe(evsel.events[0]) if evsel.events else "not opened"
 
     def errors(self) -> list[str]:
         """One line per evsel whose events failed to be scheduled (the reason the scheduler kept)."""

@@ -15,15 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pmu.core import EF_START, Task
+import numpy as np
+
+from pmu.core import EF_START, EF_UPDATE, Task
 from pmu.errors import RelocationError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Event, HookReason
 from pmu.events.spec import ProbeKind, ProbeSpec
-from pmu.events.symbols import ResolvedProbe, resolve_probe, resolve_target
+from pmu.events.symbols import ResolvedProbe, function_extent, resolve_probe, resolve_target
+from pmu.trace import trampoline
 from pmu.trace.maps import addresses_of, mapped_files
+from pmu.trace.patchsafety import check_jump_patch
 from pmu.trace.relocate import build_slot
-from pmu.trace.tasks import AddressSpace, ReturnFrame
+from pmu.trace.tasks import AddressSpace, CounterArea, JumpPatch, ReturnFrame
 from pmu.trace.tasks import Task as TraceTask
 from pmu.trace.tracer import Tracer
 
@@ -37,7 +41,7 @@ RECORD_RETURN = 1
 class _Entry:
     """One event counting on one thread at a site; `running` is what start/stop flip."""
 
-    __slots__ = ("event", "running", "index", "period", "nargs")
+    __slots__ = ("event", "running", "index", "period", "nargs", "seen")
 
     def __init__(self, event: Event, running: bool, index: int) -> None:
         self.event = event
@@ -46,6 +50,8 @@ class _Entry:
         """The event's index in the ring's records (its evsel's position)."""
         self.period = event.attr.sample_period
         self.nargs = event.attr.sample_args
+        self.seen = 0
+        """For a jump-optimized site: the thread's counter value already added to the event."""
 
 
 @dataclass(eq=False)
@@ -60,6 +66,16 @@ class _Site:
     addrs: set[int] = field(default_factory=set)
     hooks: dict[int, Callable[[TraceTask], None]] = field(default_factory=dict)
     """The breakpoint consumer made for each address (the same object is given back on removal)."""
+    optimize: bool = False
+    """Try jump patches (counting only); addresses that refuse fall back to int3."""
+    jumps: dict[int, JumpPatch] = field(default_factory=dict)
+    """Addresses served by a jump patch, counting in the address space's counter area."""
+    reason: str | None = None
+    """Why (the last address of) this site uses int3 although optimization was asked for."""
+    attributed: int = 0
+    """Hits of the jump patches already given to entries."""
+    columns: set[int] = field(default_factory=set)
+    """Counter columns of every jump patch the site has had (an unmapped library's keep their counts)."""
 
     def empty(self) -> bool:
         return not any(self.by_tid.values())
@@ -71,9 +87,15 @@ class UprobePmu:
     name = "uprobe"
     slots: int | None = None
 
-    def __init__(self, tracer: Tracer, exe: str | None = None) -> None:
+    def __init__(self, tracer: Tracer, exe: str | None = None, optimize: bool = True) -> None:
         self.tracer = tracer
         self.exe = exe
+        self.optimize = optimize and _has_fsgsbase()
+        """Count with jump patches where safe (needs rdfsbase to tell threads apart)."""
+        self._vforks: dict[int, tuple[AddressSpace, int, int, np.ndarray]] = {}
+        """vfork children still in their parent's memory: (mm, parent tid, FS base, row at vfork)."""
+        self._how: dict[tuple[ResolvedProbe, ProbeKind], str] = {}
+        """How each probe was served (for -v), kept after the run."""
         self._resolved: dict[ProbeSpec, ResolvedProbe] = {}
         self._sites: dict[tuple[AddressSpace, ResolvedProbe, bool], _Site] = {}
         self._placed: dict[Event, tuple[_Site, _Entry]] = {}
@@ -112,7 +134,8 @@ class UprobePmu:
         returns = event.attr.probe.kind is ProbeKind.URETPROBE
         site = self._sites.get((mm, probe, returns))
         if site is None:
-            site = self._sites[(mm, probe, returns)] = _Site(mm, probe, returns)
+            optimize = self.optimize and not returns and not event.attr.sample_period
+            site = self._sites[(mm, probe, returns)] = _Site(mm, probe, returns, optimize=optimize)
         entry = _Entry(event, bool(flags & EF_START), self.index_of.get(event.attr, 0))
         site.by_tid.setdefault(task.tid, []).append(entry)
         self._placed[event] = (site, entry)
@@ -125,26 +148,40 @@ class UprobePmu:
         if placed is None:
             return
         site, entry = placed
+        if site.columns:
+            self._harvest(site, entry)
         for tid, entries in list(site.by_tid.items()):
             if entry in entries:
                 entries.remove(entry)
                 if not entries:
                     del site.by_tid[tid]
         if site.empty():
+            if site.columns:
+                leftover = self._unattributed(site)
+                if leftover > 0:  # hits of threads we could not name go to the last event standing
+                    entry.event.count += leftover
+                    site.attributed += leftover
             self._disarm(site)
 
     def start(self, event: Event, flags: int) -> None:
         placed = self._placed.get(event)
         if placed is not None:
             placed[1].running = True
+            self._set_enabled(placed[0])
 
     def stop(self, event: Event, flags: int) -> None:
         placed = self._placed.get(event)
         if placed is not None:
+            if placed[0].columns and flags & EF_UPDATE:
+                self._harvest(placed[0], placed[1])
             placed[1].running = False
+            self._set_enabled(placed[0])
 
     def read(self, event: Event) -> None:
-        """Counts are added at each hit; nothing to fold in."""
+        """int3 hits are added as they happen; a jump patch's are folded in from the counter area."""
+        placed = self._placed.get(event)
+        if placed is not None and placed[0].columns:
+            self._harvest(placed[0], placed[1])
 
     def hook_task(self, event: Event, task: Task, reason: HookReason) -> None:
         """Nothing to prepare: a thread shares its parent's breakpoints, a forked child holds copies
@@ -171,7 +208,17 @@ class UprobePmu:
         for addr in site.addrs - now:
             self.tracer.forget_mapping(mm, addr)
             site.hooks.pop(addr, None)
+        for addr in site.addrs - now:
+            site.jumps.pop(addr, None)
         for addr in sorted(now - site.addrs):
+            if site.optimize:
+                try:
+                    site.jumps[addr] = self._jump_patch(site, addr)
+                    site.columns.add(site.jumps[addr].column)
+                    self._set_enabled(site)
+                    continue
+                except RelocationError as err:
+                    site.reason = err.message
             if site.returns:
                 self.tracer.return_trampoline(mm, addr)
                 hook = functools.partial(self._entered, site, addr)
@@ -180,14 +227,153 @@ class UprobePmu:
             site.hooks[addr] = hook
             self.tracer.insert(mm, addr, hook)
         site.addrs = now
+        if now:
+            self._note_how(site)
 
     def _disarm(self, site: _Site) -> None:
+        for addr in list(site.jumps):
+            self.tracer.unpatch(site.mm, addr)
+        site.jumps.clear()
         for addr in site.addrs:
             hook = site.hooks.pop(addr, None)
             if hook is not None:
                 self.tracer.remove(site.mm, addr, hook)
         site.addrs = set()
         self._sites.pop((site.mm, site.probe, site.returns), None)
+
+    # ---- jump-optimized sites --------------------------------------------------------------------
+
+    def _jump_patch(self, site: _Site, addr: int) -> JumpPatch:
+        probe = site.probe
+        extent = function_extent(probe.path, probe.vaddr)
+        if extent is None:
+            raise RelocationError("the probe is not inside a function symbol")
+        start = addr - (probe.vaddr - extent.start)
+        plan = check_jump_patch(extent.code, start, extent.size, addr)
+        return self.tracer.jump_patch(site.mm, addr, plan)
+
+    def _set_enabled(self, site: _Site) -> None:
+        area = site.mm.counters
+        if area is None or not site.jumps:
+            return
+        on = any(e.running for entries in site.by_tid.values() for e in entries)
+        for patch in site.jumps.values():
+            area.mem[trampoline.ENABLED + patch.column] = 1 if on else 0
+
+    def _unattributed(self, site: _Site) -> int:
+        """Hits of the site's jump patches by threads pmu cannot name: rows whose FS base belongs to no
+        traced thread (a thread killed before we saw its TLS), and misses (no TLS yet, table full).
+        Rows of known threads that count nothing (another thread's -t) are left out on purpose."""
+        area = site.mm.counters
+        if area is None:
+            return 0
+        view = np.frombuffer(area.mem, dtype="<u8")
+        keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
+        rows = view[trampoline.ROWS // 8 :].reshape(trampoline.NSLOTS, trampoline.NSITES)
+        known = {t.fs_base for t in site.mm.tasks if t.fs_base} | {0}
+        strangers = np.array([int(k) not in known for k in keys])
+        total = 0
+        for column in site.columns:
+            total += int(rows[strangers, column].sum()) + int(view[trampoline.MISS // 8 + column])
+        return total
+
+    def _harvest(self, site: _Site, entry: _Entry) -> None:
+        """Fold the hits counted for the entry's thread since the last harvest into its event."""
+        area = site.mm.counters
+        task = entry.event.task
+        if area is None or not isinstance(task, TraceTask) or task.tid in self._vforks:
+            return  # a vfork child's hits are in its parent's row: vfork_done gives them
+        fs = self.tracer.fs_base(task)
+        if not fs:
+            return
+        view = np.frombuffer(area.mem, dtype="<u8")
+        keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
+        found = np.flatnonzero(keys == fs)
+        if not len(found):
+            return
+        row = trampoline.ROWS // 8 + int(found[0]) * trampoline.NSITES
+        value = sum(int(view[row + column]) for column in site.columns)
+        delta = value - entry.seen
+        if delta > 0:
+            entry.event.count += delta
+            site.attributed += delta
+        entry.seen = value
+
+    def vforked(self, parent: TraceTask, child: TraceTask) -> None:
+        """A vfork child runs in its parent's memory, with the parent's TLS, until it execs or exits: its
+        jump-patch hits land in the parent thread's row. Remember the row as it is now."""
+        area = parent.mm.counters
+        if area is None:
+            return
+        fs = self.tracer.fs_base(parent)
+        self._vforks[child.tid] = (parent.mm, parent.tid, fs, self._row(area, fs))
+
+    def vfork_done(self, child: TraceTask) -> None:
+        """The vfork child leaves its parent's memory: what the parent's row gained meanwhile is the
+        child's (the parent was suspended), so it goes to the child's events, not the parent's."""
+        found = self._vforks.pop(child.tid, None)
+        if found is None:
+            return
+        mm, parent_tid, fs, before = found
+        if mm.counters is None:
+            return
+        now = self._row(mm.counters, fs)
+        gained = now - before
+        for (site_mm, _, _), site in self._sites.items():
+            if site_mm is not mm or not site.columns:
+                continue
+            hits = int(sum(gained[c] for c in site.columns))
+            for entry in site.by_tid.get(parent_tid, ()):
+                entry.seen += hits
+            for entry in site.by_tid.get(child.tid, ()):
+                entry.event.count += hits
+                entry.seen = int(sum(now[c] for c in site.columns))  # the row is not its own
+                site.attributed += hits
+
+    @staticmethod
+    def _row(area: CounterArea, fs: int) -> np.ndarray:
+        """A copy of the counter row of the thread with FS base fs (zeros if it has none yet)."""
+        view = np.frombuffer(area.mem, dtype="<u8")
+        keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
+        found = np.flatnonzero(keys == fs) if fs else np.zeros(0, dtype=np.int64)
+        if not len(found):
+            return np.zeros(trampoline.NSITES, dtype=np.int64)
+        start = trampoline.ROWS // 8 + int(found[0]) * trampoline.NSITES
+        return view[start : start + trampoline.NSITES].astype(np.int64)
+
+    def task_exited(self, task: TraceTask) -> None:
+        """A thread is gone (its events already harvested): give its counter row back for reuse, so a
+        thread that gets the same FS base later starts from zero."""
+        area = task.mm.counters
+        fs = task.fs_base
+        if area is None or not fs:
+            return
+        if any(t is not task and t.fs_base == fs for t in task.mm.tasks):
+            return  # a vfork child leaving: the row is its parent's
+        view = np.frombuffer(area.mem, dtype="<u8")
+        keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
+        for index in np.flatnonzero(keys == fs):
+            start = trampoline.ROWS // 8 + int(index) * trampoline.NSITES
+            view[start : start + trampoline.NSITES] = 0
+            keys[index] = 0
+
+    def describe(self, event: Event) -> str:
+        """How the event's probe is served, for -v: a jump patch, or int3 and why not a jump."""
+        return self._how.get((event.pmu_private, event.attr.probe.kind), "not armed")
+
+    def _note_how(self, site: _Site) -> None:
+        if site.jumps and not (site.addrs - set(site.jumps)):
+            how = "optimized (jump patch, counted in the process)"
+        elif site.optimize and site.reason:
+            how = f"int3 (not optimized: {site.reason})"
+        elif site.returns:
+            how = "int3 (return probes use int3)"
+        elif self.optimize is False and not site.optimize and not site.returns:
+            how = "int3 (recording uses int3)" if self.ring is not None else "int3"
+        else:
+            how = "int3"
+        kind = ProbeKind.URETPROBE if site.returns else ProbeKind.UPROBE
+        self._how[(site.probe, kind)] = how
 
     # ---- hits (the hot path) --------------------------------------------------------------------
 
@@ -245,3 +431,18 @@ def _check_relocatable(probe: ResolvedProbe) -> None:
         build_slot(code, probe.vaddr, probe.vaddr + 0x10000)
     except RelocationError as err:
         raise RelocationError(f"cannot probe {probe.description}: {err}") from None
+
+
+def _has_fsgsbase() -> bool:
+    """rdfsbase works in user space (Linux 5.9+ on a CPU with FSGSBASE): AT_HWCAP2 bit 1."""
+    import struct
+
+    try:
+        with open("/proc/self/auxv", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    for key, value in struct.iter_unpack("<QQ", data):
+        if key == 26:  # AT_HWCAP2
+            return bool(value & 2)
+    return False

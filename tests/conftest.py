@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ROOT / "tests" / "targets"
+NO_OPTIMIZE = os.environ.get("PMU_TEST_NO_OPTIMIZE") == "1"
+"""Run every pmu stat/record of the tests with --no-optimize (make test runs the suite both ways)."""
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +42,11 @@ def run_pmu(
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m pmu ARGS` and return the completed process (text stdout/stderr)."""
+    argv = [str(a) for a in args]
+    if NO_OPTIMIZE and argv and argv[0] in ("stat", "record"):
+        argv.insert(1, "--no-optimize")
     return subprocess.run(
-        [sys.executable, "-m", "pmu", *map(str, args)],
+        [sys.executable, "-m", "pmu", *argv],
         capture_output=True,
         text=True,
         timeout=timeout,

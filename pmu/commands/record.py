@@ -75,6 +75,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="do not follow forked children (threads are always followed)",
     )
+    p.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="use int3 probes everywhere (recording uses int3 probes today in any case)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="say how each probe is served")
     p.add_argument("-p", "--pid", metavar="PID[,PID...]", help="attach to running processes")
     p.add_argument("-t", "--tid", metavar="TID[,TID...]", help="attach to single threads")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no command given: pmu record -e EVENT -- COMMAND [ARGS...] (or -p PID)")
     names = [a.name for a in attrs]
     returns = any(a.probe.kind.value == "uretprobe" for a in attrs)
-    evlist = Evlist(attrs)
+    evlist = Evlist(attrs, optimize=not args.no_optimize)
     start_wall = datetime.datetime.now(datetime.UTC).isoformat()
     start_mono = time.monotonic_ns()
     ring = Ring.create(args.pages, len(attrs))
@@ -165,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"Lost {total_lost} samples (ring full: try a bigger -m, or -c PERIOD)\n")
     size = os.path.getsize(args.output) / 1e6 if os.path.exists(args.output) else 0.0
     sys.stderr.write(f"[ pmu record: Captured and wrote {size:.3f} MB {args.output} ({samples} samples) ]\n")
+    if args.verbose:
+        for evsel in evlist.evsels:
+            sys.stderr.write(f"pmu: {evsel.name}: {evlist.describe(evsel)}\n")
     for line in evlist.errors():
         sys.stderr.write(f"pmu: {line}\n")
     return result.status

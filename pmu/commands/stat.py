@@ -49,6 +49,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("-p", "--pid", metavar="PID[,PID...]", help="attach to running processes (every thread)")
     p.add_argument("-t", "--tid", metavar="TID[,TID...]", help="attach to single threads")
+    p.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="use int3 probes everywhere (default: jump-optimized probes where it is safe)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="say how each probe is served")
     p.add_argument("-o", "--output", metavar="FILE", help="write the counts to FILE instead of stderr")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
     p.set_defaults(func=run)
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         args.sep = "\t"
     cmd = _command(args)
     pids, tids = _ids(args.pid, "pid"), _ids(args.tid, "tid")
-    evlist = Evlist(attrs)
+    evlist = Evlist(attrs, optimize=not args.no_optimize)
     target: str | None = None
     if pids or tids:
         result = evlist.run_attached(pids, tids, cmd)
@@ -149,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
             raise FileError(f"cannot write {args.output}: {err.strerror}") from None
     else:
         write(report, sys.stderr, csv_sep=args.sep, json=args.json, numbers=numbers)
+    if args.verbose:
+        for evsel in evlist.evsels:
+            sys.stderr.write(f"pmu: {evsel.name}: {evlist.describe(evsel)}\n")
     for line in evlist.errors():
         sys.stderr.write(f"pmu: {line}\n")
     return result.status

@@ -692,3 +692,32 @@ def list_functions(path: str, pattern: str = "*") -> list[str]:
     """
     info = _load(path)
     return sorted(name for name in info.by_name if fnmatch.fnmatchcase(name, pattern))
+
+
+@dataclass(frozen=True)
+class FunctionExtent:
+    """The function holding a probe, as a jump patch needs it: where it starts, how long, its bytes."""
+
+    start: int
+    """ELF virtual address of the function's first byte."""
+    size: int
+    code: bytes
+    """The function's bytes as the file holds them (no breakpoint of ours in them)."""
+
+
+def function_extent(path: str, vaddr: int) -> FunctionExtent | None:
+    """The function symbol holding `vaddr` in `path`, with its bytes; None outside any function."""
+    info = _load(path)
+    segment = info.segment(vaddr)
+    if segment is None:
+        return None
+    symbol = _containing(info, vaddr, segment)
+    if symbol is None:
+        return None
+    size = symbol.size
+    if not size:
+        index = info.starts.index(symbol.value)
+        following = info.starts[index + 1] if index + 1 < len(info.starts) else symbol.section_end
+        size = min(following, symbol.section_end, segment.vaddr + segment.filesz) - symbol.value
+    code = _read_code(info, segment, symbol.value, size)
+    return FunctionExtent(symbol.value, len(code), code)

@@ -6,10 +6,13 @@ if nothing else can land inside the overwritten bytes and every displaced instru
 line. `check_jump_patch` decodes the whole function linearly from its start (up to the symbol's size) and
 returns a `PatchPlan`, or raises `PatchRefused` (a `RelocationError`) naming one `Refusal`.
 
+Indirect jumps are refused, except two kinds whose targets are known: a jump through one pointer
+(`jmp [rip+X]`, a GOT entry: a tail call to the start of a function), and gcc's jump tables, recognized with
+their bounding `cmp; ja` and read from the file when the caller passes `read` (`jump_tables` lists them).
+
 What is not checked, because it cannot be seen in one function's bytes: branches from other functions into
-this one (other symbols starting inside the patch are refused when the caller passes `known_entries`), code
-addresses held in data (C++ landing pads, computed gotos), and an indirect jump through a GOT entry
-(`jmp [rip+X]` without an index), which is taken for a tail call to the start of another function.
+this one (other symbols starting inside the patch are refused when the caller passes `known_entries`), and
+code addresses held in data (C++ landing pads, computed gotos: they come with an indirect jump, refused).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +124,7 @@ def check_jump_patch(
     *,
     trampoline: int | None = None,
     known_entries: Collection[int] = (),
+    read: Callable[[int, int], bytes] | None = None,
 ) -> PatchPlan:
     """Decide whether `patch_len` bytes at `site` can be replaced by a jump, before anything is patched.
 
@@ -131,8 +135,10 @@ def check_jump_patch(
     symbol in `known_entries` starts inside them; a call other than the last displaced instruction; a
     displaced instruction `relocate` refuses; `trampoline` (when given) or a RIP-relative operand is out of
     rel32 reach; a direct branch elsewhere in the function lands in (site, site + length) (the first byte is
-    fine, it becomes the jump); an indirect jump other than through a GOT entry.
-    Without `trampoline`, relocation is checked at an address just past the function.
+    fine, it becomes the jump); an indirect jump other than through a GOT entry, unless it is one of gcc's
+    jump tables and `read` is given: then the table is read and its entries are checked as branches.
+    Without `trampoline`, relocation is checked at an address just past the function. `read(address, size)`
+    returns the file's bytes at an address (the same addresses as `site`'s), as the file maps them.
     ValueError for a `site` outside the function, `code` shorter than `func_size`, or `patch_len` < 1.
     """
     if patch_len < 1:
@@ -216,15 +222,17 @@ def check_jump_patch(
     except RelocationError as err:
         raise PatchRefused(site, Refusal.UNRELOCATABLE, err.message) from None
 
-    for address, _size, mnemonic, op_str in linear:
-        if site <= address < patch_end:
-            continue  # a branch of the displaced run is relocated with it (to the copy of its target)
+    direct: dict[int, int] = {}  # target -> address of a branch there
+    indirect: list[int] = []  # indices in `linear` of indirect jumps
+    for index, (address, _size, mnemonic, op_str) in enumerate(linear):
         kind = mnemonic.split()[-1]
         if kind not in _BRANCHES:
             continue
         target = _target(op_str)
         if target is not None:
-            if site < target < patch_end:
+            direct.setdefault(target, address)
+            if site < target < patch_end and not site <= address < patch_end:
+                # (a branch of the displaced run itself is relocated to the copy of its target)
                 raise PatchRefused(
                     site,
                     Refusal.BRANCH_INTO_PATCH,
@@ -232,11 +240,24 @@ def check_jump_patch(
                     f"inside [0x{site:x}, 0x{patch_end:x})",
                 )
         elif kind == "ljmp" or (kind == "jmp" and not _GOT_JUMP.fullmatch(op_str)):
+            indirect.append(index)
+    for index in indirect:
+        address, _size, mnemonic, op_str = linear[index]
+        table = _jump_table(linear, index, direct, read) if read is not None else None
+        if table is None:
             raise PatchRefused(
                 site,
                 Refusal.INDIRECT_JUMP,
                 f"'{mnemonic} {op_str}' at 0x{address:x} may reach any instruction of the function",
             )
+        for n, target in enumerate(table.targets):
+            if site < target < patch_end:
+                raise PatchRefused(
+                    site,
+                    Refusal.BRANCH_INTO_PATCH,
+                    f"entry {n} of the jump table at 0x{table.address:x} (used by '{mnemonic} {op_str}' at "
+                    f"0x{address:x}) lands at 0x{target:x}, inside [0x{site:x}, 0x{patch_end:x})",
+                )
 
     boundaries = tuple(insn[0] - site for insn in displaced)
     return PatchPlan(
@@ -246,3 +267,224 @@ def check_jump_patch(
         boundaries=boundaries,
         insns=tuple(decode(at_site, site, len(displaced))),
     )
+
+
+# --- jump tables ------------------------------------------------------------------------------------------
+
+_FAMILIES = {
+    **{f"r{r}x": f"r{r}x" for r in "abcd"},
+    **{f"e{r}x": f"r{r}x" for r in "abcd"},
+    **{f"{r}x": f"r{r}x" for r in "abcd"},
+    **{f"{r}l": f"r{r}x" for r in "abcd"},
+    **{f"{r}h": f"r{r}x" for r in "abcd"},
+    **{f"r{r}": f"r{r}" for r in ("si", "di", "bp", "sp")},
+    **{f"e{r}": f"r{r}" for r in ("si", "di", "bp", "sp")},
+    **{r: f"r{r}" for r in ("si", "di", "bp", "sp")},
+    **{f"{r}l": f"r{r}" for r in ("si", "di", "bp", "sp")},
+    **{f"r{n}{suffix}": f"r{n}" for n in range(8, 16) for suffix in ("", "d", "w", "b")},
+}
+"""Register name -> the 64-bit register it is part of."""
+_WIDE = frozenset(
+    {f"{p}{r}x" for p in "re" for r in "abcd"}
+    | {f"{p}{r}" for p in "re" for r in ("si", "di", "bp", "sp")}
+    | {f"r{n}{suffix}" for n in range(8, 16) for suffix in ("", "d")}
+)
+"""Names of 32- and 64-bit registers."""
+
+_WRITES_FIRST = frozenset(
+    {"mov", "movzx", "movsxd", "movsx", "lea", "add", "sub", "and", "or", "xor", "imul", "shl", "shr", "sar"}
+    | {"neg", "not", "inc", "dec", "pop"}
+)
+"""Instructions whose only register effect is on their first operand."""
+_WRITES_NOTHING = frozenset({"cmp", "test", "nop", "push"})
+_ZERO_EXTENDING = frozenset({"mov", "movzx"})
+_LEA_RIP = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|[0-9]+)\]")
+_PIC_LOAD = re.compile(r"dword ptr \[(\w+) \+ (\w+)\*4\]")
+_ABS_JUMP = re.compile(r"qword ptr \[(\w+)\*8 \+ (0x[0-9a-f]+)\]")
+_WINDOW = 16
+_MAX_ENTRIES = 1 << 16
+
+
+@dataclass(frozen=True)
+class JumpTable:
+    """One of gcc's jump tables, recognized in the code and read from the file: where its jump can go."""
+
+    jump: int
+    """Address of the indirect jump through the table."""
+    start: int
+    """Address of the first instruction of the recognized sequence (the bounding `cmp`, or the `lea` of the
+    table's address when it comes first): from there to the jump, the code is straight-line."""
+    index: str
+    """The compared operand, as capstone prints it ("edi", "byte ptr [r10 + 8]")."""
+    address: int
+    """Where the table is."""
+    targets: tuple[int, ...]
+    """Where each entry sends the jump."""
+
+
+def jump_tables(
+    code: bytes, func_start: int, func_size: int, read: Callable[[int, int], bytes]
+) -> tuple[JumpTable, ...]:
+    """The jump tables `check_jump_patch` recognizes in a function (its other indirect jumps are left out);
+    empty when the function does not decode to its end."""
+    linear = list(_lite().disasm_lite(code[:func_size], func_start))
+    if not linear or linear[-1][0] + linear[-1][1] != func_start + func_size:
+        return ()
+    direct = _direct_targets(linear)
+    tables = []
+    for index, (_, _, mnemonic, op_str) in enumerate(linear):
+        if mnemonic.split()[-1] == "jmp" and _target(op_str) is None:
+            table = _jump_table(linear, index, direct, read)
+            if table is not None:
+                tables.append(table)
+    return tuple(tables)
+
+
+def _direct_targets(linear: list[tuple[int, int, str, str]]) -> dict[int, int]:
+    """Target -> address of a direct branch there."""
+    direct: dict[int, int] = {}
+    for address, _size, mnemonic, op_str in linear:
+        if mnemonic.split()[-1] in _BRANCHES:
+            target = _target(op_str)
+            if target is not None:
+                direct.setdefault(target, address)
+    return direct
+
+
+def _operands(op_str: str) -> list[str]:
+    return op_str.split(", ") if op_str else []
+
+
+def _jump_table(
+    linear: list[tuple[int, int, str, str]],
+    index: int,
+    direct: dict[int, int],
+    read: Callable[[int, int], bytes],
+) -> JumpTable | None:
+    """The table of the indirect jump linear[index] if it is one of gcc's, bounded by a `cmp X, imm; ja`:
+    `lea rB, [rip+T]; ...; movsxd rD, dword [rB + rI*4]; add rD, rB; jmp rD` (entries: int32 from T) or
+    `jmp qword [rI*8 + T]` (entries: absolute addresses), rI holding the compared value. The instructions
+    from the first one used to the jump must be straight-line code that no direct branch enters. None when
+    the code does not match (or the table cannot be read)."""
+    for start in range(index - 1, max(index - _WINDOW, 0) - 1, -1):
+        address, _size, mnemonic, op_str = linear[start]
+        if mnemonic != "cmp":
+            continue
+        if start + 1 >= index or linear[start + 1][2] not in ("ja", "jae"):
+            continue
+        ops = _operands(op_str)
+        try:
+            bound = int(ops[1], 0)
+        except (ValueError, IndexError):
+            continue
+        count = bound + 1 if linear[start + 1][2] == "ja" else bound
+        if not 0 < count <= _MAX_ENTRIES:
+            return None
+        found = _follow(linear, start, index, ops[0])
+        if found is None:
+            return None
+        first_used, table, pic = found
+        # no direct branch may enter the sequence past its start (it would skip the bound or the base)
+        if any(linear[first_used][0] < target <= linear[index][0] for target in direct):
+            return None
+        size = 4 if pic else 8
+        try:
+            data = read(table, count * size)
+        except Exception:  # noqa: BLE001 - whatever the reader raises, the table is unknown
+            return None
+        if len(data) != count * size:
+            return None
+        entries = [
+            int.from_bytes(data[i : i + size], "little", signed=pic) for i in range(0, len(data), size)
+        ]
+        return JumpTable(
+            jump=linear[index][0],
+            start=linear[first_used][0],
+            index=ops[0],
+            address=table,
+            targets=tuple(table + e if pic else e for e in entries),
+        )
+    return None
+
+
+def _follow(
+    linear: list[tuple[int, int, str, str]], cmp_index: int, jump_index: int, compared: str
+) -> tuple[int, int, bool] | None:
+    """Simulate the straight-line code before the jump: (index of the first instruction used, table address,
+    whether its entries are int32 offsets from it) if the jump goes through the table with the compared
+    value as index, else None."""
+    # Table bases set before the compare count too: walk back to the start of the straight-line code.
+    begin = cmp_index
+    while begin > max(jump_index - _WINDOW, 0):
+        mnemonic = linear[begin - 1][2]
+        if mnemonic not in _WRITES_FIRST and mnemonic not in _WRITES_NOTHING:
+            break
+        begin -= 1
+    alias: set[str] = set()  # registers holding the compared value (zero-extended)
+    memory = compared if compared not in _FAMILIES else None  # a memory operand compared
+    bases: dict[str, tuple[int, int]] = {}  # register -> (table address, index of its lea)
+    loaded: dict[str, tuple[int, int]] = {}  # register -> (table, lea index): an entry of the table
+    summed: dict[str, tuple[int, int]] = {}  # register -> (table, lea index): entry + table
+    for i in range(begin, jump_index + 1):
+        address, size, mnemonic, op_str = linear[i]
+        ops = _operands(op_str)
+        if i == cmp_index:
+            if compared in _FAMILIES:
+                alias = {_FAMILIES[compared]}
+            continue
+        if i == cmp_index + 1:
+            continue  # the ja/jae
+        if i == jump_index:
+            target = ops[0] if ops else ""
+            if _FAMILIES.get(target) in summed:
+                table, lea = summed[_FAMILIES[target]]
+                return min(lea, cmp_index), table, True
+            m = _ABS_JUMP.fullmatch(target)
+            if m and _FAMILIES.get(m.group(1)) in alias:
+                return cmp_index, int(m.group(2), 16), False
+            return None
+        if mnemonic in _WRITES_NOTHING:
+            if mnemonic == "push" and i > cmp_index:
+                memory = None  # a store to the stack
+            continue
+        if mnemonic not in _WRITES_FIRST or not ops or (mnemonic == "imul" and len(ops) == 1):
+            return None  # (one-operand imul writes rdx:rax)
+        dest = _FAMILIES.get(ops[0])
+        if dest is None:  # a store: after the compare, it may change a compared memory operand
+            if i > cmp_index:
+                memory = None
+            continue
+        source = ops[1] if len(ops) > 1 else ""
+        # a copy of the index: a 32- or 64-bit destination (8- and 16-bit writes keep the upper bits)
+        copies = mnemonic in _ZERO_EXTENDING and len(ops) == 2 and i > cmp_index and ops[0] in _WIDE
+        new_alias = copies and (_FAMILIES.get(source) in alias or (memory is not None and source == memory))
+        new_base = None
+        if mnemonic == "lea" and (m := _LEA_RIP.fullmatch(source)):
+            disp = int(m.group(2), 0)
+            new_base = (address + size + (disp if m.group(1) == "+" else -disp), i)
+        new_loaded = None
+        if mnemonic == "movsxd" and (m := _PIC_LOAD.fullmatch(source)):
+            base, idx = _FAMILIES.get(m.group(1)), _FAMILIES.get(m.group(2))
+            if base in bases and idx in alias:
+                new_loaded = bases[base]
+        new_summed = None
+        if mnemonic == "add" and len(ops) == 2:
+            other = _FAMILIES.get(ops[1])
+            if dest in loaded and other in bases and bases[other] == loaded[dest]:
+                new_summed = loaded[dest]
+            elif dest in bases and other in loaded and loaded[other] == bases[dest]:
+                new_summed = bases[dest]
+        alias.discard(dest)
+        for state in (bases, loaded, summed):
+            state.pop(dest, None)
+        if memory is not None and i > cmp_index and dest in memory:
+            memory = None  # a register of the compared operand changed after the compare
+        if new_alias:
+            alias.add(dest)
+        if new_base is not None:
+            bases[dest] = new_base
+        if new_loaded is not None:
+            loaded[dest] = new_loaded
+        if new_summed is not None:
+            summed[dest] = new_summed
+    return None

@@ -92,6 +92,7 @@ REG_OFFSET = {name: 8 * i for i, name in enumerate(_REG_NAMES)}
 RIP = REG_OFFSET["rip"]
 RSP = REG_OFFSET["rsp"]
 RAX = REG_OFFSET["rax"]
+FS_BASE = REG_OFFSET["fs_base"]
 
 _ptrace = _func.ptrace
 

@@ -236,6 +236,8 @@ def _call_indirect(d: _Decoded, at: int) -> bytes:
     # [rsp + ...]: the push moved rsp down by 8, so reach 8 bytes further (rsp as a base implies a SIB byte).
     size = {0: 0, 1: 1, 2: 4}[d.modrm >> 6]
     disp = d.field(m + 2, size) + 8
+    if -8 < disp < 8:  # [rsp+d] with -16 < d < 0 overlaps the slot the pushed return address takes
+        raise d.refuse("its operand overlaps the stack slot the pushed return address takes")
     if not _fits(disp, 32):
         raise d.refuse(f"its displacement {disp - 8:#x} + 8 for the pushed return address overflows")
     mod, size = (1, 1) if _fits(disp, 8) else (2, 4)
@@ -269,6 +271,16 @@ def _relocate_one(d: _Decoded, at: int, resolve: Callable[[int], int]) -> bytes:
 def relocate(code: bytes, address: int, new_address: int, count: int = 1) -> tuple[bytes, int]:
     """Rewrite the `count` instructions at `address` (`code` holds at least their bytes) to run at
     `new_address`. Returns (relocated code, total length of the originals).
+    """
+    relocated, length, _ = relocate_run(code, address, new_address, count)
+    return relocated, length
+
+
+def relocate_run(
+    code: bytes, address: int, new_address: int, count: int = 1
+) -> tuple[bytes, int, tuple[int, ...]]:
+    """As relocate(), also returning where each instruction's copy starts in the relocated code (to move
+    a thread stopped inside the displaced run to the matching point of the copy).
 
     Branches to an instruction of the run (other than the first) go to its relocated copy; every other
     branch goes to its true target; falling off the end continues after the relocated code, where the caller
@@ -305,7 +317,7 @@ def relocate(code: bytes, address: int, new_address: int, count: int = 1) -> tup
     _, offsets = place(None)
     relocated, check = place(offsets)
     assert check == offsets
-    return relocated, end - address
+    return relocated, end - address, tuple(offsets)
 
 
 def build_slot(code: bytes, address: int, slot_address: int) -> tuple[bytes, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +60,8 @@ class Task:
     state: TaskState = TaskState.NEW
     detach_on_stop: bool = False
     """Detach at its first stop (a forked child nobody counts)."""
+    fs_base: int = 0
+    """The thread's FS base when last seen stopped: how trampolines tell threads apart."""
     shadow: list[ReturnFrame] = field(default_factory=list)
     """Hijacked returns, innermost last (the per-thread shadow stack of return probes)."""
     _comm: str | None = None
@@ -95,6 +99,41 @@ class Breakpoint:
     consumers: list[BreakpointHandler] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class JumpPatch:
+    """A jump-optimized probe: `jmp rel32` at addr (padded with int3 to whole instructions) to a
+    trampoline that counts in column `column` of the address space's counter area."""
+
+    addr: int
+    orig: bytes
+    """The displaced bytes, restored on unpatch."""
+    tramp: int
+    column: int
+    moves: tuple[tuple[int, int], ...]
+    """(offset in the patched bytes, address in the trampoline) for each displaced instruction."""
+    users: int = 1
+    """Sites that use it; a forked child's copies have none until re-added."""
+
+
+@dataclass(eq=False)
+class CounterArea:
+    """A memfd shared between pmu and one address space: the trampolines' counters (see trampoline.py).
+
+    pmu keeps its own mapping, so counts stay readable after the tracee exec'd or died."""
+
+    fd: int
+    mem: mmap.mmap
+    address: int
+    """Where the tracee maps it."""
+    size: int
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self.mem.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 @dataclass
 class SlotArea:
     """A page range mapped r-x inside the tracee for out-of-line slots; slots are never reused."""
@@ -114,6 +153,12 @@ class AddressSpace:
         self.removed: set[int] = set()
         """Addresses whose int3 we removed: a trap already raised there is ours and is rewound."""
         self.areas: list[SlotArea] = []
+        self.jumps: dict[int, JumpPatch] = {}
+        """Jump-optimized probes by address."""
+        self.columns = 0
+        """Counter columns handed out so far (never reused: a retired column keeps its counts)."""
+        self.counters: CounterArea | None = None
+        """The counter area the trampolines of this address space count in."""
         self.ret_tramp: int | None = None
         """Address of the int3 that hijacked returns land on (in an out-of-line area)."""
         self.internal: dict[int, str] = {}

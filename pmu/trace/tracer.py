@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import signal
 import time
@@ -18,15 +19,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissionError
-from pmu.trace import inject
+from pmu.trace import inject, trampoline
 from pmu.trace import ptrace_ops as pt
 from pmu.trace.maps import PAGE, free_gap_near
-from pmu.trace.relocate import SLOT_SIZE, build_slot
+from pmu.trace.patchsafety import PatchPlan
+from pmu.trace.relocate import SLOT_SIZE, build_slot, relocate_run
 from pmu.trace.rtld import debug_state_address
 from pmu.trace.tasks import (
     AddressSpace,
     Breakpoint,
     BreakpointHandler,
+    CounterArea,
+    JumpPatch,
     ReturnFrame,
     ReturnHandler,
     SlotArea,
@@ -174,6 +178,8 @@ class Tracer:
             raise
         assert mm is not None
         self._stop_all(mm)
+        for task in seized.values():
+            self.fs_base(task)
         leader = seized[pid]
         return [leader, *(t for tid, t in seized.items() if tid != pid)]
 
@@ -283,8 +289,16 @@ class Tracer:
         task.state = TaskState.STOPPED
         self._resume(task, sig)
 
+    def fs_base(self, task: Task) -> int:
+        """The task's FS base: read now if it is stopped, else as last seen."""
+        if task.state is TaskState.STOPPED:
+            with contextlib.suppress(pt.PtraceError):
+                task.fs_base = pt.peek_user(task.tid, pt.FS_BASE)
+        return task.fs_base
+
     def _event(self, task: Task, event: int, sig: int) -> None:
         if event == pt.EVENT_STOP:
+            self.fs_base(task)
             if task.detach_on_stop:
                 self._detach_task(task)
                 return
@@ -302,6 +316,7 @@ class Tracer:
             self._resume(task)
         elif event == pt.EVENT_EXIT:
             task.remember_comm()
+            self.fs_base(task)
             self.listener.task_exit(task)
             self._resume(task)
             task.state = TaskState.EXITING
@@ -330,6 +345,12 @@ class Tracer:
             mm.areas = [SlotArea(a.base, a.size, a.used) for a in parent.mm.areas]
             mm.internal = dict(parent.mm.internal)
             mm.ret_tramp = parent.mm.ret_tramp
+            mm.jumps = {
+                a: JumpPatch(p.addr, p.orig, p.tramp, p.column, p.moves, users=0)
+                for a, p in parent.mm.jumps.items()
+            }
+            mm.counters = parent.mm.counters  # until the child gets its own, below
+            mm.columns = parent.mm.columns
             for addr in mm.internal:
                 mm.breakpoints[addr].consumers.append(self._rtld_hit)
         child = Task(tid=child_tid, pid=parent.pid if thread else child_tid, mm=mm)
@@ -345,12 +366,33 @@ class Tracer:
                 # Nobody counts this child: take every byte of ours out of its memory and let it go.
                 for bp in list(mm.breakpoints.values()):
                     bp.consumers.clear()
+                for patch in mm.jumps.values():
+                    patch.users = 0
                 self._unhijack(child)
                 child.detach_on_stop = True
+                mm.counters = None
+            elif mm.counters is not None:
+                self._own_counters(child, mm.counters)
             self.collect(mm)  # whatever no event re-added is restored in the child
         early = self.early.pop(child_tid, None)
         if early is not None:
             self.pending.append((child_tid, early))
+
+    def _own_counters(self, child: Task, shared: CounterArea) -> None:
+        """A forked child counts in a counter area of its own, mapped where the parent's was."""
+        if child.tid not in self.early:
+            _, status = pt.wait(child.tid)
+            self.early[child.tid] = status
+        state, child.state = child.state, TaskState.STOPPED
+        try:
+            near = child.mm.areas[0].base if child.mm.areas else shared.address
+            own = self._map_counters(child.mm, child.tid, near, fixed=shared.address)
+            # The child starts counting as its parent was: same probes enabled, no counts yet.
+            enabled = slice(trampoline.ENABLED, trampoline.ENABLED + trampoline.NSITES)
+            own.mem[enabled] = shared.mem[enabled]
+            child.mm.counters = own
+        finally:
+            child.state = state
 
     def _exec(self, task: Task) -> None:
         former = pt.event_msg(task.tid)
@@ -431,6 +473,103 @@ class Tracer:
             mm.write(addr, INT3)
             mm.removed.discard(addr)
             mm.breakpoints[addr] = Breakpoint(addr, code[:1], slot, [consumer])
+
+    # ---- jump-optimized probes --------------------------------------------------------------------
+
+    def counters(self, mm: AddressSpace, near: int) -> CounterArea:
+        """The counter area of mm: a memfd pmu maps too, mapped shared into the tracee on first use."""
+        if mm.counters is None:
+            with self.stopped(mm) as tid:
+                mm.counters = self._map_counters(mm, tid, near)
+        return mm.counters
+
+    def _map_counters(self, mm: AddressSpace, tid: int, near: int, fixed: int | None = None) -> CounterArea:
+        fd = os.memfd_create("pmu-counters", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, trampoline.AREA_BYTES)
+            mem = mmap.mmap(fd, trampoline.AREA_BYTES)
+            path = f"/proc/{os.getpid()}/fd/{fd}".encode() + b"\0"
+            scratch = self._alloc_slot(mm, near, tid, len(path))
+            mm.write(scratch, path)
+            tfd = self._syscall(
+                tid, mm, inject.SYS_OPENAT, inject.AT_FDCWD, scratch, os.O_RDWR | os.O_CLOEXEC
+            )
+            if tfd < 0:
+                raise TraceError(f"cannot open pmu's counter area in process {mm.pid}: {os.strerror(-tfd)}")
+            flags = inject.MAP_SHARED | (inject.MAP_FIXED if fixed else 0)
+            prot = inject.PROT_READ | inject.PROT_WRITE
+            addr = self._syscall(
+                tid, mm, inject.SYS_MMAP, fixed or 0, trampoline.AREA_BYTES, prot, flags, tfd, 0
+            )
+            self._syscall(tid, mm, inject.SYS_CLOSE, tfd)
+            if addr < 0 or (fixed and addr != fixed):
+                raise TraceError(f"cannot map pmu's counter area in process {mm.pid}")
+            return CounterArea(fd, mem, addr, trampoline.AREA_BYTES)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _syscall(self, tid: int, mm: AddressSpace, nr: int, *args: int) -> int:
+        result, signals = inject.inject_syscall(tid, mm, nr, *args)
+        for sig in signals:
+            self.pending.append((tid, (sig << 8) | 0x7F))
+        return result
+
+    def jump_patch(self, mm: AddressSpace, addr: int, plan: PatchPlan) -> JumpPatch:
+        """Replace the instructions `plan` displaces at addr by a jump to a counting trampoline.
+
+        Every thread is stopped; one whose RIP lies inside the displaced instructions is moved to the
+        matching instruction of the trampoline. An existing patch at addr (a forked child's copy) is
+        re-owned instead.
+        """
+        patch = mm.jumps.get(addr)
+        if patch is not None:
+            patch.users += 1
+            return patch
+        for other in mm.breakpoints:
+            if addr < other < addr + plan.length:
+                raise RelocationError(f"another probe at {other:#x} lies inside the bytes to patch")
+        area = self.counters(mm, addr)
+        column = mm.columns
+        if column >= trampoline.NSITES:
+            raise RelocationError(f"more than {trampoline.NSITES} optimized probes in one process")
+        with self.stopped(mm) as tid:
+            code = mm.read(addr, plan.length + 16)
+            if code[:1] == INT3:
+                raise RelocationError(f"there is already an int3 at {addr:#x}")
+            head = len(trampoline.counting_trampoline(area.address, column))
+            tramp = self._alloc_slot(mm, addr, tid, head + 16 * plan.count + 64)
+            body, _, placed = relocate_run(code, addr, tramp + head, plan.count)
+            moves = [(offset, tramp + head + at) for offset, at in zip(plan.boundaries, placed, strict=True)]
+            tr = trampoline.build(area.address, column, body, tramp, addr + plan.length)
+            mm.write(tramp, tr.code)
+            for t in mm.tasks:
+                if t.state is TaskState.STOPPED:
+                    rip = pt.peek_user(t.tid, pt.RIP)
+                    for offset, target in moves:
+                        if offset and rip == addr + offset:
+                            pt.poke_user(t.tid, pt.RIP, target)
+            rel = tramp - (addr + 5)
+            mm.write(addr, b"\xe9" + rel.to_bytes(4, "little", signed=True) + INT3 * (plan.length - 5))
+            patch = JumpPatch(addr, code[: plan.length], tramp, column, tuple(moves))
+            mm.jumps[addr] = patch
+            mm.columns += 1
+        return patch
+
+    def unpatch(self, mm: AddressSpace, addr: int) -> None:
+        """Drop one user of the jump patch at addr; the last one puts the original bytes back.
+
+        A thread inside the trampoline finishes its way through it (the trampoline stays mapped)."""
+        patch = mm.jumps.get(addr)
+        if patch is None:
+            return
+        patch.users -= 1
+        if patch.users > 0:
+            return
+        del mm.jumps[addr]
+        if not mm.dead:
+            with self.stopped(mm), contextlib.suppress(OSError):
+                mm.write(addr, patch.orig)
 
     # ---- return probes --------------------------------------------------------------------------
 
@@ -540,21 +679,27 @@ class Tracer:
 
     def forget_mapping(self, mm: AddressSpace, addr: int) -> None:
         """The code at `addr` was unmapped: drop its breakpoint without writing anything."""
+        mm.jumps.pop(addr, None)
         bp = mm.breakpoints.pop(addr, None)
         if bp is not None:
             bp.consumers.clear()
             mm.internal.pop(addr, None)
 
     def collect(self, mm: AddressSpace) -> None:
-        """Restore every breakpoint of mm that no consumer holds (after a fork)."""
+        """Restore every breakpoint and jump patch of mm that nothing holds (after a fork)."""
         for bp in [b for b in mm.breakpoints.values() if not b.consumers]:
             self._restore(mm, bp)
+        for patch in [p for p in mm.jumps.values() if p.users <= 0]:
+            del mm.jumps[patch.addr]
+            with contextlib.suppress(OSError):
+                mm.write(patch.addr, patch.orig)
 
-    def _alloc_slot(self, mm: AddressSpace, addr: int, tid: int) -> int:
+    def _alloc_slot(self, mm: AddressSpace, addr: int, tid: int, size: int = SLOT_SIZE) -> int:
+        size = -(-size // SLOT_SIZE) * SLOT_SIZE
         for area in mm.areas:
-            if abs(area.base - addr) < NEAR and area.used + SLOT_SIZE <= area.size:
+            if abs(area.base - addr) < NEAR and area.used + size <= area.size:
                 slot = area.base + area.used
-                area.used += SLOT_SIZE
+                area.used += size
                 return slot
         maps = mm.maps()
         for _ in range(8):
@@ -565,7 +710,7 @@ class Tracer:
             for sig in signals:
                 self.pending.append((tid, (sig << 8) | 0x7F))
             if base == hint:
-                mm.areas.append(SlotArea(base, AREA_SIZE, SLOT_SIZE))
+                mm.areas.append(SlotArea(base, AREA_SIZE, size))
                 return base
             if base > 0 and base < 1 << 47:  # mapped elsewhere: give it back
                 inject.munmap(tid, mm, base, AREA_SIZE)
@@ -713,9 +858,16 @@ class Tracer:
         for bp in list(mm.breakpoints.values()):
             with contextlib.suppress(OSError):
                 mm.write(bp.addr, bp.orig)
+        for patch in mm.jumps.values():
+            with contextlib.suppress(OSError):
+                mm.write(patch.addr, patch.orig)
         mm.breakpoints.clear()
         mm.internal.clear()
+        mm.jumps.clear()
         stopped = [t for t in mm.tasks if t.state is TaskState.STOPPED]
+        if stopped and mm.counters is not None:
+            self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, mm.counters.address, mm.counters.size)
+            mm.counters = None
         if stopped:
             for area in mm.areas:
                 _, signals = inject.munmap(stopped[0].tid, mm, area.base, area.size)
@@ -725,7 +877,7 @@ class Tracer:
 
     def _step_out_of_slots(self, task: Task, deliver: dict[int, int]) -> None:
         """Single-step a thread whose RIP is inside an out-of-line area until it is back in real code."""
-        for _ in range(32):
+        for _ in range(4096):  # a trampoline is about 40 instructions, its row search a loop
             rip = pt.peek_user(task.tid, pt.RIP)
             if not any(a.base <= rip < a.base + a.size for a in task.mm.areas):
                 return

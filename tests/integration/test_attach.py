@@ -122,7 +122,7 @@ def test_attach_until_a_signal(spin, sig):
     time.sleep(0.5)
     with open(f"/proc/{spin.pid}/mem", "rb") as mem:
         mem.seek(work)
-        assert mem.read(1) == b"\xcc"  # armed while attached
+        assert mem.read(1) in (b"\xcc", b"\xe9")  # armed while attached (int3 or jump patch)
     pmu.send_signal(sig)
     _, err = pmu.communicate(timeout=30)
     assert pmu.returncode == 0, err

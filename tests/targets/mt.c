@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-__attribute__((noinline)) int work(int x) { return x + 1; }
+__attribute__((noinline)) int work(int x) { return x * 3 + 1; }
 
 static long n_per;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;

@@ -7,7 +7,7 @@
 #include <time.h>
 #include <unistd.h>
 
-__attribute__((noinline)) int work(int x) { return x + 3; }
+__attribute__((noinline)) int work(int x) { return x * 3 + 3; }
 
 static volatile sig_atomic_t stop;
 static double seconds;
