@@ -1,0 +1,105 @@
+"""Jump-optimized probes: exact counts with no stop per hit, refusals with reasons, and a target that
+keeps running when pmu itself is killed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import NO_OPTIMIZE, ROOT, per_thread_counts, run_pmu, stat_counts
+
+pytestmark = pytest.mark.skipif(NO_OPTIMIZE, reason="these tests are about the optimized mode")
+
+
+def test_four_threads_exact_per_thread(build):
+    mt = build("mt")
+    r = run_pmu("stat", "-v", "-x,", "--per-thread", "-e", "uprobe:work", "--", mt, "4", "250000")
+    assert r.returncode == 0, r.stderr
+    assert "pmu: uprobe:work: optimized (jump patch" in r.stderr
+    expected = {("uprobe:work", int(t)): int(c) for t, c in re.findall(r"tid=(\d+) calls=(\d+)", r.stdout)}
+    assert sorted(expected.values()) == [250000, 500000, 750000, 1000000]
+    assert per_thread_counts(r.stderr) == expected
+    r = run_pmu("stat", "-x,", "-e", "uprobe:work", "--", mt, "4", "250000")
+    assert stat_counts(r.stderr) == {"uprobe:work": 2_500_000}
+
+
+def test_refused_sites_fall_back_to_int3_with_a_reason(build):
+    reloc = build("reloc")
+    r = run_pmu("stat", "-v", "-x,", "-e", "uprobe:f_jmp", "-e", "uprobe:f_riprel", "--", reloc, "20")
+    assert r.returncode == 0, r.stderr
+    assert stat_counts(r.stderr) == {"uprobe:f_jmp": 21, "uprobe:f_riprel": 21}
+    assert re.search(
+        r"pmu: uprobe:f_jmp: int3 \(not optimized: cannot place a jump .*past-symbol-end", r.stderr
+    )
+    assert "pmu: uprobe:f_riprel: optimized" in r.stderr
+    r = run_pmu("stat", "-v", "--no-optimize", "-x,", "-e", "uprobe:f_riprel", "--", reloc, "20")
+    assert "pmu: uprobe:f_riprel: int3" in r.stderr
+    assert stat_counts(r.stderr) == {"uprobe:f_riprel": 21}
+
+
+def test_enable_on_exec_counts_nothing_before_exec(build):
+    """Events open disabled: the trampoline checks the enable flag, and the launcher's own code path
+    (before exec) never reaches it. A second, shorter run gives the proportional count."""
+    hot = build("hot")
+    for n in (1, 1000):
+        r = run_pmu("stat", "-x,", "-e", "uprobe:work", "--", hot, str(n))
+        assert stat_counts(r.stderr) == {"uprobe:work": n}
+
+
+def test_pmu_killed_leaves_the_target_running(build):
+    """Nothing traps in an optimized probe, so a target whose tracer dies keeps running and behaving."""
+    spin = subprocess.Popen([build("spin"), "3", "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert spin.stdout.readline() == "ready\n"
+        pmu = subprocess.Popen(
+            [sys.executable, "-m", "pmu", "stat", "-v", "-p", str(spin.pid), "-e", "uprobe:work"],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + 20
+        while _tracer(spin.pid) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # attached and patched
+        assert _jump_patched(spin.pid, build("spin"))
+        pmu.send_signal(signal.SIGKILL)
+        pmu.wait(timeout=10)
+        out, _ = spin.communicate(timeout=30)
+        assert spin.returncode == 0, out
+        assert out.startswith("total=") and int(out.split("=")[1]) > 1000
+    finally:
+        if spin.poll() is None:
+            spin.kill()
+
+
+def _tracer(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _jump_patched(pid: int, exe) -> bool:
+    from pmu.events.spec import parse_event
+    from pmu.events.symbols import resolve_probe
+
+    probe = resolve_probe(parse_event(f"uprobe:{exe}:work"), str(exe))
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            off = int(fields[2], 16)
+            if fields[-1] == str(exe) and "x" in fields[1] and off <= probe.file_offset < off + hi - lo:
+                fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+                try:
+                    return os.pread(fd, 1, lo + probe.file_offset - off) == b"\xe9"
+                finally:
+                    os.close(fd)
+    return False
