@@ -25,7 +25,7 @@ from pmu.events.event import Counts, Event
 from pmu.sched.scheduler import Scheduler
 from pmu.trace.maps import mapped_files
 from pmu.trace.tasks import AddressSpace, Task
-from pmu.trace.tracer import Tracer
+from pmu.trace.tracer import Tracer, tgid_of
 from pmu.uprobe_pmu import UprobePmu
 
 if TYPE_CHECKING:
@@ -327,14 +327,10 @@ def _check_exe(exe: str) -> None:
 
 
 def _tgid_of(tid: int) -> int:
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    raise ProcessError(f"no thread with tid {tid}")
+    pid = tgid_of(tid)
+    if pid < 0:
+        raise ProcessError(f"no thread with tid {tid}")
+    return pid
 
 
 def _shell_status(status: int | None) -> int:

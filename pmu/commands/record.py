@@ -10,6 +10,14 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from pmu.commands.options import (
+    add_event_options,
+    add_target_options,
+    command,
+    ids,
+    launched,
+    report_engines_and_errors,
+)
 from pmu.errors import UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.spec import parse_event_list
@@ -29,14 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Record every hit of uprobe/uretprobe events while COMMAND runs, like perf record.",
         usage="pmu record -e EVENT [-e EVENT...] [-o FILE] [-c PERIOD] [--args N] -- COMMAND [ARGS...]",
     )
-    p.add_argument(
-        "-e",
-        "--event",
-        action="append",
-        default=[],
-        metavar="EVENT",
-        help="[uprobe:|uretprobe:]TARGET:LOCATION (repeatable, or comma-separated)",
-    )
+    add_event_options(p)
     p.add_argument(
         "-o",
         "--output",
@@ -69,27 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="PAGES",
         help=f"ring buffer size in 4 KiB pages (default {DEFAULT_PAGES})",
     )
-    p.add_argument(
-        "-i",
-        "--no-inherit",
-        action="store_true",
-        help="do not follow forked children (threads are always followed)",
-    )
-    p.add_argument(
-        "--no-optimize",
-        action="store_true",
-        help="use int3 probes everywhere (recording uses int3 probes today in any case)",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="say how each probe is served")
-    p.add_argument("-p", "--pid", metavar="PID[,PID...]", help="attach to running processes")
-    p.add_argument("-t", "--tid", metavar="TID[,TID...]", help="attach to single threads")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
+    add_target_options(p)
     p.set_defaults(func=run)
-
-
-def _command(args: argparse.Namespace) -> list[str]:
-    cmd = list(args.command)
-    return cmd[1:] if cmd and cmd[0] == "--" else cmd
 
 
 def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
@@ -102,12 +84,12 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
         raise UsageError(
             f"bad --args {args.args}: x86-64 passes at most {MAX_ARGS} integer arguments in registers"
         )
-    launched = bool(_command(args)) and not (args.pid or args.tid)
+    at_exec = launched(args)
     return [
         EventAttr(
             probe=spec,
-            disabled=launched,
-            enable_on_exec=launched,
+            disabled=at_exec,
+            enable_on_exec=at_exec,
             inherit=not args.no_inherit,
             sample_period=args.period,
             sample_args=args.args,
@@ -117,14 +99,13 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pmu.commands.stat import _ids  # one parser for PID lists
     from pmu.evlist import Evlist
     from pmu.output.parquet import SCHEMA_VERSION, RecordWriter
     from pmu.ring import Ring
 
     attrs = build_attrs(args)
-    cmd = _command(args)
-    pids, tids = _ids(args.pid, "pid"), _ids(args.tid, "tid")
+    cmd = command(args)
+    pids, tids = ids(args.pid, "pid"), ids(args.tid, "tid")
     if not (cmd or pids or tids):
         raise UsageError("no command given: pmu record -e EVENT -- COMMAND [ARGS...] (or -p PID)")
     names = [a.name for a in attrs]
@@ -171,9 +152,5 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"Lost {total_lost} samples (ring full: try a bigger -m, or -c PERIOD)\n")
     size = os.path.getsize(args.output) / 1e6 if os.path.exists(args.output) else 0.0
     sys.stderr.write(f"[ pmu record: Captured and wrote {size:.3f} MB {args.output} ({samples} samples) ]\n")
-    if args.verbose:
-        for evsel in evlist.evsels:
-            sys.stderr.write(f"pmu: {evsel.name}: {evlist.describe(evsel)}\n")
-    for line in evlist.errors():
-        sys.stderr.write(f"pmu: {line}\n")
+    report_engines_and_errors(evlist, args.verbose)
     return result.status

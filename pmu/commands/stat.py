@@ -7,6 +7,14 @@ import contextlib
 import locale
 import sys
 
+from pmu.commands.options import (
+    add_event_options,
+    add_target_options,
+    command,
+    ids,
+    launched,
+    report_engines_and_errors,
+)
 from pmu.errors import FileError, UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.spec import parse_event_list
@@ -21,14 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Count uprobe hits while COMMAND runs, like perf stat.",
         usage="pmu stat -e EVENT [-e EVENT...] [options] -- COMMAND [ARGS...]",
     )
-    p.add_argument(
-        "-e",
-        "--event",
-        action="append",
-        default=[],
-        metavar="EVENT",
-        help="[uprobe:]TARGET:LOCATION (repeatable, or comma-separated)",
-    )
+    add_event_options(p)
     p.add_argument(
         "-x",
         "--field-separator",
@@ -39,24 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("-j", "--json", action="store_true", help="print one JSON object per counter")
     p.add_argument("--per-thread", action="store_true", help="one line per thread that hit")
     p.add_argument(
-        "-i",
-        "--no-inherit",
-        action="store_true",
-        help="do not count forked children (threads are always counted)",
-    )
-    p.add_argument(
         "--per-process", action="store_true", help="one line per process that hit (children apart)"
     )
-    p.add_argument("-p", "--pid", metavar="PID[,PID...]", help="attach to running processes (every thread)")
-    p.add_argument("-t", "--tid", metavar="TID[,TID...]", help="attach to single threads")
-    p.add_argument(
-        "--no-optimize",
-        action="store_true",
-        help="use int3 probes everywhere (default: jump-optimized probes where it is safe)",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="say how each probe is served")
     p.add_argument("-o", "--output", metavar="FILE", help="write the counts to FILE instead of stderr")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
+    add_target_options(p)
     p.set_defaults(func=run)
 
 
@@ -65,23 +52,16 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
     if not args.event:
         raise UsageError("no events given: use -e EVENT (for example -e uprobe:./prog:main)")
     specs = parse_event_list(args.event)
-    launched = bool(_command(args)) and not (args.pid or args.tid)
+    at_exec = launched(args)
     return [
         EventAttr(
             probe=spec,
-            disabled=launched,
-            enable_on_exec=launched,
+            disabled=at_exec,
+            enable_on_exec=at_exec,
             inherit=not args.no_inherit,
         )
         for spec in specs
     ]
-
-
-def _command(args: argparse.Namespace) -> list[str]:
-    cmd = list(args.command)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    return cmd
 
 
 def _numbers() -> NumberFormat:
@@ -94,18 +74,6 @@ def _numbers() -> NumberFormat:
     return numbers
 
 
-def _ids(text: str | None, what: str) -> list[int]:
-    if not text:
-        return []
-    try:
-        ids = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"bad {what} list '{text}': expected numbers separated by commas") from None
-    if not ids or any(i <= 0 for i in ids):
-        raise UsageError(f"bad {what} list '{text}'")
-    return ids
-
-
 def run(args: argparse.Namespace) -> int:
     attrs = build_attrs(args)
     if args.sep is not None and args.json:
@@ -114,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--per-thread and --per-process cannot be used together")
     if args.sep == "\\t":
         args.sep = "\t"
-    cmd = _command(args)
-    pids, tids = _ids(args.pid, "pid"), _ids(args.tid, "tid")
+    cmd = command(args)
+    pids, tids = ids(args.pid, "pid"), ids(args.tid, "tid")
     evlist = Evlist(attrs, optimize=not args.no_optimize)
     target: str | None = None
     if pids or tids:
@@ -155,9 +123,5 @@ def run(args: argparse.Namespace) -> int:
             raise FileError(f"cannot write {args.output}: {err.strerror}") from None
     else:
         write(report, sys.stderr, csv_sep=args.sep, json=args.json, numbers=numbers)
-    if args.verbose:
-        for evsel in evlist.evsels:
-            sys.stderr.write(f"pmu: {evsel.name}: {evlist.describe(evsel)}\n")
-    for line in evlist.errors():
-        sys.stderr.write(f"pmu: {line}\n")
+    report_engines_and_errors(evlist, args.verbose)
     return result.status

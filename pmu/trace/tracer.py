@@ -334,7 +334,7 @@ class Tracer:
         child_tid = pt.event_msg(parent.tid)
         thread = False
         if event == pt.EVENT_CLONE:
-            thread = _tgid(child_tid) == parent.pid
+            thread = tgid_of(child_tid) == parent.pid
         if thread or event == pt.EVENT_VFORK:
             mm = parent.mm  # shared memory: a thread, or a vfork child until it execs
         else:
@@ -898,7 +898,8 @@ class Tracer:
                 os.kill(task.tid, signal.SIGKILL)
 
 
-def _tgid(tid: int) -> int:
+def tgid_of(tid: int) -> int:
+    """The thread group (process) a thread belongs to, from /proc; -1 if there is no such thread."""
     try:
         with open(f"/proc/{tid}/status") as f:
             for line in f:
