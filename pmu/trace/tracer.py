@@ -39,6 +39,9 @@ from pmu.trace.tasks import (
 )
 
 INT3 = b"\xcc"
+PUSHF = b"\x9c"
+POPF = b"\x9d"
+TRAP_FLAG = 0x100
 AREA_SIZE = 16 * PAGE
 NEAR = (1 << 31) - AREA_SIZE - PAGE
 
@@ -811,7 +814,7 @@ class Tracer:
                 pt.detach(tid)
         self.early.clear()
         for task in list(self.tasks.values()):
-            with contextlib.suppress(pt.PtraceError):
+            with contextlib.suppress(pt.PtraceError):  # gone already
                 pt.detach(task.tid, deliver.get(task.tid, 0))
             self._forget(task)
 
@@ -881,6 +884,19 @@ class Tracer:
             rip = pt.peek_user(task.tid, pt.RIP)
             if not any(a.base <= rip < a.base + a.size for a in task.mm.areas):
                 return
+            # Single-stepping a popf leaves the trap flag set and no longer marked as the debugger's (the
+            # kernel's step bookkeeping), so the thread would die of SIGTRAP once detached: emulate it.
+            op = task.mm.read(rip, 1)
+            if op == POPF:
+                regs = pt.get_regs(task.tid)
+                value = int.from_bytes(task.mm.read(regs.rsp, 8), "little")
+                regs.eflags = value & ~TRAP_FLAG
+                regs.rsp += 8
+                regs.rip = rip + 1
+                pt.set_regs(task.tid, regs)
+                continue
+            # A pushf stepped over saves the trap flag single-stepping sets: clear it on the stack.
+            pushf = op == PUSHF
             pt.singlestep(task.tid)
             _, status = pt.wait(task.tid)
             if (status & 0xFF) != 0x7F:
@@ -889,6 +905,10 @@ class Tracer:
             sig = (status >> 8) & 0xFF
             if status >> 16 == 0 and sig != signal.SIGTRAP:
                 deliver.setdefault(task.tid, sig)
+            if pushf and pt.peek_user(task.tid, pt.RIP) == rip + 1:
+                rsp = pt.peek_user(task.tid, pt.RSP)
+                flags = int.from_bytes(task.mm.read(rsp, 8), "little")
+                task.mm.write(rsp, (flags & ~TRAP_FLAG).to_bytes(8, "little"))
         raise TraceError(f"thread {task.tid} did not leave the out-of-line area")
 
     def kill_all(self) -> None:

@@ -1,5 +1,6 @@
 /* A long-running multi-threaded target for attach tests: NT threads call work() with a short sleep
-   in between until SECONDS have passed (or SIGUSR1 arrives), then main prints the total and exits 0. */
+   in between (none with "busy") until SECONDS have passed (or SIGUSR1 arrives), checking every result;
+   then main prints the total and the number of wrong results, and exits 0 if there were none. */
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -11,6 +12,8 @@ __attribute__((noinline)) int work(int x) { return x * 3 + 3; }
 
 static volatile sig_atomic_t stop;
 static double seconds;
+static int busy;
+static long bad;
 static long calls[64];
 
 static double now(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec + ts.tv_nsec / 1e9; }
@@ -20,17 +23,22 @@ static void *thread(void *arg) {
     long k = (long)arg;
     double end = now() + seconds;
     volatile long s = 0;
+    long wrong = 0;
     while (!stop && now() < end) {
-        s += work((int)calls[k]);
+        int r = work((int)calls[k]);
+        if (r != (int)calls[k] * 3 + 3) wrong++;
+        s += r;
         calls[k]++;
-        usleep(200);
+        if (!busy) usleep(200);
     }
+    __atomic_fetch_add(&bad, wrong, __ATOMIC_RELAXED);
     return NULL;
 }
 
 int main(int argc, char **argv) {
     seconds = argc > 1 ? atof(argv[1]) : 5;
     int nt = argc > 2 ? atoi(argv[2]) : 3;
+    busy = argc > 3 && argv[3][0] == 'b';
     signal(SIGUSR1, on_usr1);
     pthread_t t[64];
     for (long i = 0; i < nt; i++) pthread_create(&t[i], NULL, thread, (void *)i);
@@ -38,6 +46,6 @@ int main(int argc, char **argv) {
     fflush(stdout);
     long total = 0;
     for (int i = 0; i < nt; i++) { pthread_join(t[i], NULL); total += calls[i]; }
-    printf("total=%ld\n", total);
-    return 0;
+    printf("total=%ld bad=%ld\n", total, bad);
+    return bad != 0;
 }
