@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -17,11 +18,10 @@ from tests.conftest import ROOT, per_thread_counts, run_pmu, stat_counts
 class Spin:
     """A running multi-threaded target (tests/targets/spin.c) and snapshots of its memory."""
 
-    def __init__(self, exe, seconds: float = 30, threads: int = 3) -> None:
+    def __init__(self, exe, seconds: float = 30, threads: int = 3, busy: bool = False) -> None:
         self.exe = str(exe)
-        self.proc = subprocess.Popen(
-            [self.exe, str(seconds), str(threads)], stdout=subprocess.PIPE, text=True
-        )
+        argv = [self.exe, str(seconds), str(threads)] + (["busy"] if busy else [])
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline() == "ready\n"
         self.pid = self.proc.pid
@@ -237,3 +237,19 @@ def test_full_disk_restores_and_detaches(spin, tmp_path):
         spin.finish()
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_attach_detach_busy_threads_many_times(build):
+    """Threads calling the probed function in a tight loop are often stopped inside the displaced bytes
+    or the out-of-line copies: each attach must move them right, each detach must step them out (never
+    leaving a trap flag behind). Twenty rounds; every result the target computes stays right."""
+    busy = Spin(build("spin"), seconds=60, busy=True)
+    try:
+        for _ in range(20):
+            r = run_pmu("stat", "-x,", "-p", busy.pid, "-e", "uprobe:work", "--", "sleep", "0.05")
+            assert r.returncode == 0, r.stderr
+            assert stat_counts(r.stderr)["uprobe:work"] > 0
+            assert busy.tracer() == 0
+        assert re.match(r"total=\d+ bad=0$", busy.finish().strip())
+    finally:
+        busy.kill()
