@@ -96,6 +96,9 @@ class Breakpoint:
     """The byte the int3 replaced."""
     slot: int
     """Address of the out-of-line copy of the displaced instruction (followed by a jump back)."""
+    length: int = 1
+    """Length of the displaced instruction. Above 1, no thread can ever be at addr+1 but by our int3,
+    so a SIGTRAP there is ours without asking the kernel for its si_code."""
     consumers: list[BreakpointHandler] = field(default_factory=list)
 
 

@@ -269,8 +269,8 @@ class Tracer:
                 task.state = TaskState.RUNNING
                 return
             if bp is not None or (rip - 1) in task.mm.removed:
-                _, code = pt.siginfo_code(tid)
-                if code == pt.SI_KERNEL:
+                ours = bp is not None and bp.length > 1 or pt.siginfo_code(tid)[1] == pt.SI_KERNEL
+                if ours:
                     if bp is None:  # hit a breakpoint another thread removed meanwhile: rewind
                         pt.poke_user(tid, pt.RIP, rip - 1)
                     else:
@@ -344,7 +344,7 @@ class Tracer:
             mm = AddressSpace(child_tid)
             # The child holds a copy of every breakpoint and slot; nobody owns them until re-added.
             for addr, bp in parent.mm.breakpoints.items():
-                mm.breakpoints[addr] = Breakpoint(addr, bp.orig, bp.slot)
+                mm.breakpoints[addr] = Breakpoint(addr, bp.orig, bp.slot, bp.length)
             mm.areas = [SlotArea(a.base, a.size, a.used) for a in parent.mm.areas]
             mm.internal = dict(parent.mm.internal)
             mm.ret_tramp = parent.mm.ret_tramp
@@ -471,11 +471,11 @@ class Tracer:
                     f"there is already an int3 at {addr:#x} (another debugger's breakpoint?)"
                 )
             slot = self._alloc_slot(mm, addr, stopped_tid)
-            body, _ = build_slot(code, addr, slot)
+            body, length = build_slot(code, addr, slot)
             mm.write(slot, body)
             mm.write(addr, INT3)
             mm.removed.discard(addr)
-            mm.breakpoints[addr] = Breakpoint(addr, code[:1], slot, [consumer])
+            mm.breakpoints[addr] = Breakpoint(addr, code[:1], slot, length, [consumer])
 
     # ---- jump-optimized probes --------------------------------------------------------------------
 
