@@ -438,8 +438,7 @@ def section(
         "",
         "Cost per recorded hit of `pmu record` (Parquet writing included) against peers that write every "
         "hit to a file. Written by `benchmarks/bench_record.py --results benchmarks/RESULTS.md`, which "
-        "replaces only this section; `bench_stat.py --results` rewrites the whole file, so `make bench` "
-        "runs it first.",
+        "replaces only this section (each benchmark script replaces its own).",
         "",
         f"- date: {today}",
         f"- machine: {machine()}",

@@ -1,0 +1,579 @@
+"""Benchmark: the acceptance of jump-optimized probes, side by side in one run.
+
+pmu's default engine replaces the probed function's first bytes by a jmp to a trampoline inside the
+traced process, which counts the hit per thread in shared memory: no ptrace stop per hit. Three parts:
+
+- counting: `pmu stat` (optimized) on `work` in tests/targets/hot.c (`hot N` calls it N times) against a
+  kernel uprobe at the same file offset counted by `perf stat` (target: pmu <= 1/300 of its cost per
+  hit) and against `uftrace record -P work`, which patches the function at run time (target: pmu <= 1/10).
+- threads: `pmu stat --per-thread` on tests/targets/mt.c with four threads on this machine's CPUs
+  (`mt 4 K`: thread i calls work i*K times, 10K in all) against one thread with the same total
+  (`mt 1 10K`): the cost per hit with four threads must be no worse than with one.
+- recording: `pmu record` against `uftrace record` (target: pmu <= 1/2). pmu record still uses int3
+  probes, one ptrace stop per hit, so this target is not expected to be met yet; pmu record also runs
+  with the whole command under `taskset -c CPU`, because those round trips are bimodal unpinned.
+
+The method is bench_stat.py's: cost per hit is the slope between two run sizes, (t(N2) - t(N1)) /
+(N2 - N1) on the median wall-clock time of R runs each, minus the slope of the uninstrumented program
+(the same build, same sizes); the R repetitions go round all tools in turn. Every pmu run has -v and the
+engine it names is checked (the counting and thread rows must be "optimized"). Counts must equal N
+exactly: pmu stat's count, per thread pmu stat's count against the program's own `tid=... calls=...`
+lines, pmu record's Parquet rows + lost, perf stat's count, uftrace report's calls (read back untimed).
+
+Prints a table and PASS/FAIL verdicts with the ratios; with --results, replaces (or appends) the
+"## Jump-optimized probes" section of that Markdown file and leaves the rest. It is a measurement, not a
+test: it exits 0 whatever the verdicts.
+
+    .venv/bin/python benchmarks/bench_optimized.py [--quick] [--repeat R] [--no-pin] [--results FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench_record import Readback, counter, pmu_rows, remover, uftrace_calls
+from bench_stat import (
+    CC_FLAGS,
+    CC_FLAGS_FENTRY,
+    KERNEL_SLACK,
+    KERNEL_SLACK_NOTE,
+    PROBE,
+    ROOT,
+    SYMBOL,
+    BenchError,
+    Completed,
+    Row,
+    Tool,
+    commands,
+    compile_target,
+    csv_count,
+    excess_note,
+    file_offset,
+    kernel_probe,
+    log,
+    machine,
+    measure,
+    overheads,
+    pin_suffix,
+    pinned,
+    pmu_argv,
+    run,
+    update_results,
+)
+
+SECTION = "## Jump-optimized probes"
+MT_SOURCE = ROOT / "tests" / "targets" / "mt.c"
+CC_FLAGS_MT = [*CC_FLAGS, "-pthread"]
+THREADS = 4
+"""mt's thread i (1-based) calls work i*K times: 1+2+3+4 = 10 K in all."""
+MT_SHARE = THREADS * (THREADS + 1) // 2
+
+PMU = "pmu stat (optimized)"
+KERNEL = "kernel uprobe (perf stat)"
+UFTRACE = "uftrace record"
+PMU_MT1 = "pmu stat (optimized), mt 1 thread"
+PMU_MT4 = f"pmu stat (optimized), mt {THREADS} threads"
+BASE_MT1 = "baseline mt 1 thread"
+BASE_MT4 = f"baseline mt {THREADS} threads"
+RECORD = "pmu record"
+
+PARTS = {
+    "baseline": "counting",
+    PMU: "counting",
+    KERNEL: "counting",
+    "baseline (fentry build)": "counting",
+    UFTRACE: "counting, recording",
+    BASE_MT1: "threads",
+    PMU_MT1: "threads",
+    BASE_MT4: "threads",
+    PMU_MT4: "threads",
+    RECORD: "recording",
+}
+
+
+# ------------------------------------------------------------------------------------------ read-backs
+
+
+def thread_counts(done: Completed) -> int:
+    """The total of `pmu stat --per-thread -x,`'s lines (COMM-TID,COUNT,,EVENT,...), after checking that
+    each thread's count equals the `tid=TID calls=CALLS` line mt printed for it."""
+    pmu: dict[int, int] = {}
+    for line in done.stderr.splitlines():
+        fields = line.split(",")
+        if len(fields) >= 4 and fields[3].startswith("uprobe:") and fields[1].isdigit():
+            tid = fields[0].rpartition("-")[2]
+            if not tid.isdigit():
+                raise BenchError(f"no thread id in per-thread line {line!r}")
+            pmu[int(tid)] = pmu.get(int(tid), 0) + int(fields[1])
+    own: dict[int, int] = {}
+    for line in done.stdout.splitlines():
+        words = dict(w.split("=", 1) for w in line.split() if "=" in w)
+        if "tid" in words and "calls" in words:
+            own[int(words["tid"])] = int(words["calls"])
+    if not own:
+        raise BenchError(f"no tid=... calls=... lines from mt: {done.stdout.strip()[-200:]!r}")
+    hit = {tid: n for tid, n in pmu.items() if n}
+    if hit != own:
+        raise BenchError(
+            f"pmu per thread {dict(sorted(hit.items()))} != mt's own {dict(sorted(own.items()))}"
+        )
+    return sum(hit.values())
+
+
+def uftrace_patches_plain(hot: str, tmp: Path) -> bool:
+    """Whether `uftrace record -P work` sees work's calls in the plain (not -pg) build: it does only when
+    this uftrace can patch arbitrary code (built with capstone)."""
+    data = tmp / "uftrace-plain.data"
+    try:
+        run(["uftrace", "record", "-P", SYMBOL, "-d", str(data), hot, "1000"])
+        return uftrace_calls(data) == 1000
+    except BenchError:
+        return False
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ tools
+
+
+def build_tools(
+    hot: str, hot_fentry: str | None, tmp: Path, scale: float, cpu: str | None
+) -> tuple[list[Tool], list[str], Readback]:
+    """The rows to measure, notes on what is skipped or how a peer runs, and where read-backs land."""
+
+    def n(x: int) -> int:
+        """x scaled, a multiple of 10 so that mt's K = N / 10 is whole."""
+        return max(100, int(x * scale) // 10 * 10)
+
+    back = Readback({})
+    notes: list[str] = []
+    tools = [
+        Tool("baseline", n(10_000_000), n(50_000_000), lambda h, k: [h, k], baseline=None),
+        Tool(
+            PMU,
+            n(10_000_000),
+            n(50_000_000),
+            lambda h, k: pmu_argv("stat", h, k, "-x,"),
+            count=lambda done: csv_count(done.stderr, "uprobe:"),
+            engine="optimized",
+        ),
+    ]
+
+    if shutil.which("perf"):
+        try:
+            offset = f"{file_offset(hot, SYMBOL):#x} in this build"
+        except BenchError as err:
+            offset = str(err)
+        tools.append(
+            Tool(
+                KERNEL,
+                n(20_000),
+                n(200_000),
+                lambda h, k: ["perf", "stat", "-x,", "-e", PROBE.replace("/", ":"), "--", h, k],
+                count=lambda done: csv_count(done.stderr, PROBE.replace("/", ":")),
+                context=lambda: kernel_probe(hot),
+                slack=KERNEL_SLACK,
+                note=f"OFFSET = {SYMBOL}'s file offset: vaddr - PT_LOAD p_vaddr + p_offset ({offset}); "
+                f"one trap into the kernel per hit, so a smaller N. {KERNEL_SLACK_NOTE}",
+            )
+        )
+    else:
+        notes.append(f"{KERNEL}: perf not installed, skipped")
+
+    if not shutil.which("uftrace"):
+        notes.append(f"{UFTRACE}: uftrace not installed, skipped")
+    else:
+        ufdata = tmp / "uftrace.data"
+        back.what[UFTRACE] = f"uftrace report calls of {SYMBOL}"
+        plain = uftrace_patches_plain(hot, tmp)
+        if plain:
+            target, baseline = "hot", "baseline"
+            note = "runs $HOT, the plain build: this uftrace patches work's entry at run time"
+        elif hot_fentry is not None:
+            target, baseline = "hot-fentry", "baseline (fentry build)"
+            note = (
+                "runs $HOT_FENTRY: this uftrace has no capstone, and `uftrace record -P work $HOT 1000` "
+                "records no call of work, so it gets the -pg -mfentry -mnop-mcount build, whose 5-byte "
+                "nop at each function's entry it patches into a call at run time (dynamic tracing); "
+                "it records the entry and the exit of each call to its data directory"
+            )
+            tools.append(
+                Tool(
+                    baseline,
+                    n(10_000_000),
+                    n(50_000_000),
+                    lambda h, k: [h, k],
+                    "hot-fentry",
+                    None,
+                )
+            )
+        else:
+            target = baseline = ""
+            notes.append(
+                f"{UFTRACE}: cannot patch the plain build and the -pg -mfentry build failed, skipped"
+            )
+        if target:
+            tools.append(
+                Tool(
+                    UFTRACE,
+                    n(1_000_000),
+                    n(10_000_000),
+                    lambda h, k: ["uftrace", "record", "-P", SYMBOL, "-d", str(ufdata), h, k],
+                    target=target,
+                    baseline=baseline,
+                    count=counter(ufdata, lambda: uftrace_calls(ufdata), back),
+                    prepare=remover(ufdata),
+                    note=note,
+                )
+            )
+
+    for threads, base, name in ((1, BASE_MT1, PMU_MT1), (THREADS, BASE_MT4, PMU_MT4)):
+        tools += [
+            Tool(base, n(10_000_000), n(50_000_000), mt_argv(threads), target="mt", baseline=None),
+            Tool(
+                name,
+                n(10_000_000),
+                n(50_000_000),
+                mt_argv(threads, "--per-thread", "-x,"),
+                target="mt",
+                baseline=base,
+                count=thread_counts,
+                engine="optimized",
+            ),
+        ]
+
+    parquet = tmp / "pmu.parquet"
+    back.what[RECORD] = "Parquet rows + pmu.lost = pmu.hits_per_event"
+    record = Tool(
+        RECORD,
+        n(10_000),
+        n(100_000),
+        lambda h, k: pmu_argv("record", h, k, "-o", str(parquet)),
+        count=counter(parquet, lambda: pmu_rows(parquet, back), back),
+        prepare=remover(parquet, Path(f"{parquet}.old"), Path(f"{parquet}.tmp")),
+        engine="",
+        note="pmu record has no jump-optimized path yet: int3, one ptrace stop per hit, so a smaller N",
+    )
+    tools.append(record)
+    if cpu is not None:
+        if shutil.which("taskset"):
+            tools.append(pinned(record, cpu))
+        else:
+            notes.append("taskset: not installed, the pinned row is skipped")
+    return tools, notes, back
+
+
+def mt_argv(threads: int, *pmu_options: str) -> Callable[[str, str], list[str]]:
+    """The argv of `mt THREADS K` for N hits in all (K = N / 1 + ... + THREADS), under
+    `pmu stat -v PMU_OPTIONS` when there are any."""
+
+    def argv(mt: str, n: str) -> list[str]:
+        share = threads * (threads + 1) // 2
+        # For a shown command (n = "N"), the shell arithmetic.
+        k = str(int(n) // share) if n.isdigit() else (n if share == 1 else f"$(({n}/{share}))")
+        if not pmu_options:
+            return [mt, str(threads), k]
+        return [*pmu_argv("stat", mt, str(threads), *pmu_options), k]
+
+    return argv
+
+
+# -------------------------------------------------------------------------------------------- measuring
+
+CHECKED = {
+    PMU: "pmu count = N",
+    KERNEL: "perf stat count = N",
+    PMU_MT1: "pmu per thread = mt's tid=... calls=... lines, total = N",
+    PMU_MT4: "pmu per thread = mt's tid=... calls=... lines, total = N",
+}
+
+
+def base_name(name: str) -> str:
+    """The tool's name without the pinning suffix."""
+    return name.split(" [cpu ", 1)[0]
+
+
+def measure_all(tools: list[Tool], paths: dict[str, str], repeat: int, back: Readback) -> list[Row]:
+    """bench_stat's measure, one repetition of every tool at a time, so that a burst of other load on the
+    machine lands on one run of each tool rather than on all runs of one."""
+    rows = [Row(t) for t in tools]
+    for rep in range(repeat):
+        log(f"repetition {rep + 1} of {repeat}:")
+        for row in rows:
+            if row.error is not None:
+                continue
+            back.current = row.tool.name
+            one = measure(row.tool, paths[row.tool.target], 1)
+            row.t1 += one.t1
+            row.t2 += one.t2
+            row.c1 += one.c1
+            row.c2 += one.c2
+            row.error = one.error
+            row.excess += one.excess
+            if one.engine and one.engine not in row.engine.split(" / "):
+                row.engine = f"{row.engine} / {one.engine}" if row.engine else one.engine
+    for row in rows:
+        name = row.tool.name
+        what = CHECKED.get(base_name(name)) or back.what.get(base_name(name))
+        if row.error is not None or what is None:
+            row.checked = "not reported"
+        else:
+            row.checked = f"{what} in all {2 * repeat} runs" + excess_note(row.excess)
+            if name in back.lost:
+                row.checked += f"; lost {back.lost[name]} in all"
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Overheads per hit (seconds, wall clock and CPU) by tool name, the verdicts and other findings."""
+
+    overhead: dict[str, float]
+    cpu: dict[str, float]
+    verdicts: list[str]
+    findings: list[str]
+
+
+def cpu_overheads(rows: list[Row]) -> dict[str, float]:
+    """CPU seconds per hit by tool name: its CPU-time slope minus its baseline's."""
+    slopes = {r.tool.name: r.cpu_slope for r in rows if r.error is None}
+    return {
+        r.tool.name: slopes[r.tool.name] - slopes[r.tool.baseline]
+        for r in rows
+        if r.error is None and r.tool.baseline is not None and r.tool.baseline in slopes
+    }
+
+
+def fraction(x: float) -> str:
+    """x as "0.0031 = 1/323" (or just "1.2" when x >= 1)."""
+    if x >= 1 or x <= 0:
+        return f"{x:.3g}"
+    return f"{x:.3g} = 1/{1 / x:.3g}" if x > 0.1 else f"{x:.3g} = 1/{1 / x:,.0f}"
+
+
+def verdict(text: str, value: float | None, other: float | None, limit: float, target: str) -> str:
+    """ "TEXT: PASS (ratio R; target T)" when value / other <= limit, FAIL otherwise or when not measured."""
+    if value is None or not other:
+        return f"{text}: FAIL (not measured; target {target})"
+    ratio = value / other
+    return f"{text}: {'PASS' if ratio <= limit else 'FAIL'} (ratio {fraction(ratio)}; target {target})"
+
+
+def summarize(rows: list[Row], cpu: str | None) -> Summary:
+    over, cpu_over = overheads(rows), cpu_overheads(rows)
+    engines = {r.tool.name: r.engine for r in rows}
+    pmu = over.get(PMU)
+    verdicts = [
+        verdict(f"counting: {PMU} <= 1/300 of {KERNEL}", pmu, over.get(KERNEL), 1 / 300, "<= 1/300"),
+        verdict(f"counting: {PMU} <= 1/10 of {UFTRACE}", pmu, over.get(UFTRACE), 1 / 10, "<= 1/10"),
+        verdict(
+            f"threads: cost per hit with {THREADS} threads <= with 1 (wall clock, {PMU_MT4} / {PMU_MT1})",
+            over.get(PMU_MT4),
+            over.get(PMU_MT1),
+            1.0,
+            "<= 1",
+        ),
+    ]
+    findings = []
+    mt1, mt4 = cpu_over.get(PMU_MT1), cpu_over.get(PMU_MT4)
+    if mt1 and mt4 is not None:
+        findings.append(
+            f"threads, CPU time instead of wall clock (user + system of every process, which running on "
+            f"{machine_cpus()} CPUs cannot hide): {THREADS} threads / 1 thread = {mt4 / mt1:.3g} "
+            f"({mt4 * 1e9:.3g} vs {mt1 * 1e9:.3g} ns per hit)"
+        )
+    modes = [("", "unpinned")]
+    if cpu is not None and RECORD + pin_suffix(cpu) in over:
+        modes.append((pin_suffix(cpu), f"every command on CPU {cpu}"))
+    uf = over.get(UFTRACE)
+    met = []
+    for suffix, how in modes:
+        rec = over.get(RECORD + suffix)
+        verdicts.append(verdict(f"recording: {RECORD} <= 1/2 of {UFTRACE} ({how})", rec, uf, 0.5, "<= 1/2"))
+        met.append(rec is not None and uf is not None and uf > 0 and rec <= uf / 2)
+    engine = engines.get(RECORD) or "?"
+    if RECORD in over and uf:
+        times = over[RECORD] / uf
+        if not any(met):
+            findings.append(
+                f'recording: the target "at most half of uftrace\'s cost per hit" is NOT met: pmu record is '
+                f"not jump-optimized yet (pmu record -v: {engine}), one ptrace stop per hit, "
+                f"{times:.0f} times uftrace record's cost per hit"
+            )
+        else:
+            findings.append(f"recording: the target is met (pmu record -v: {engine})")
+    return Summary(over, cpu_over, verdicts, findings)
+
+
+def machine_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def table(rows: list[Row], summary: Summary) -> str:
+    """The results as a Markdown table."""
+    head = [
+        "part",
+        "tool",
+        "engine (pmu -v)",
+        "N1",
+        "N2",
+        "median t(N1) s",
+        "median t(N2) s",
+        "t(N2) min-max s",
+        "ns/hit raw",
+        "overhead ns/hit",
+        "CPU overhead ns/hit",
+        "hits checked",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        t = r.tool
+        part = PARTS.get(base_name(t.name), "")
+        engine = "-" if t.engine is None else (r.engine or "?")
+        if r.error is not None:
+            cells = [part, t.name, engine, f"{t.n1:,}", f"{t.n2:,}", *["-"] * 6, f"FAILED: {r.error}"]
+        else:
+            over, cpu = summary.overhead.get(t.name), summary.cpu.get(t.name)
+            cells = [
+                part,
+                t.name,
+                engine,
+                f"{t.n1:,}",
+                f"{t.n2:,}",
+                f"{statistics.median(r.t1):.3f}",
+                f"{statistics.median(r.t2):.3f}",
+                f"{min(r.t2):.2f}-{max(r.t2):.2f}",
+                f"{r.slope * 1e9:.4g}",
+                "-" if over is None else f"{over * 1e9:.4g}",
+                "-" if cpu is None else f"{cpu * 1e9:.4g}",
+                r.checked,
+            ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def section(
+    rows: list[Row],
+    summary: Summary,
+    tools: list[Tool],
+    notes: list[str],
+    repeat: int,
+    cpu: str | None,
+    tmp: str,
+) -> str:
+    """The "## Jump-optimized probes" section of RESULTS.md."""
+    today = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    notes = notes + [f"{t.name}: {t.note}" for t in tools if t.note]
+    notes += [
+        f"threads: `mt T K` starts T threads, thread i calling {SYMBOL} i*K times; "
+        f"`mt {THREADS} N/{MT_SHARE}` and `mt 1 N` both make N calls in all, here on {machine_cpus()} "
+        "CPUs. Wall clock is the "
+        "acceptance's measure; the CPU-time column and finding show the cost with parallelism taken out",
+        "CPU overhead ns/hit: the same slope on CPU time (user + system of the command and all it waited "
+        "for, from getrusage(RUSAGE_CHILDREN)) instead of wall-clock time",
+        "engine (pmu -v): every pmu command runs with -v; the counting and thread rows fail unless each "
+        "timed run says optimized",
+    ]
+    if cpu is not None:
+        notes.append(
+            f"[cpu {cpu}]: the whole command under `taskset -c {cpu}`: pmu record's int3 round trips are "
+            "bimodal when tracer and program land on different CPUs (see bench_stat.py's section)"
+        )
+    builds = [f"gcc {shlex.join(CC_FLAGS)} -o $HOT tests/targets/hot.c"]
+    if any(t.target == "hot-fentry" for t in tools):
+        builds.append(f"gcc {shlex.join(CC_FLAGS_FENTRY)} -o $HOT_FENTRY tests/targets/hot.c   # uftrace")
+    builds.append(f"gcc {shlex.join(CC_FLAGS_MT)} -o $MT tests/targets/mt.c")
+    parts = [
+        SECTION,
+        "",
+        "The acceptance of jump-optimized probes (pmu's default: the probed function's first bytes jump to "
+        "a trampoline in the process that counts the hit per thread in shared memory, no ptrace stop per "
+        "hit), side by side in one run. Written by `benchmarks/bench_optimized.py --results "
+        "benchmarks/RESULTS.md`, which replaces only this section.",
+        "",
+        f"- date: {today}",
+        f"- machine: {machine()}",
+        f"- method: wall-clock time of whole commands, median of {repeat} per size; cost per hit = "
+        "(t(N2) - t(N1)) / (N2 - N1), so start-up drops out; overhead = that minus the slope of the "
+        "uninstrumented program (same build, same sizes). The repetitions go round all tools in turn. "
+        f"`hot N` calls `{SYMBOL}` N times; every count is checked to equal N exactly.",
+        "",
+        table(rows, summary),
+        "",
+        *(f"- **{v}**" for v in summary.verdicts),
+        *(f"- {f}" for f in summary.findings),
+        "",
+        "### Commands",
+        "",
+        "```sh",
+        *commands(tools, tmp, builds),
+        "```",
+    ]
+    if notes:
+        parts += ["", "### Notes", "", *(f"- {n}" for n in notes)]
+    return "\n".join(parts) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", "-r", type=int, default=5, help="runs per size; the median is used")
+    parser.add_argument("--quick", action="store_true", help="run sizes / 4, for a fast look")
+    parser.add_argument(
+        "--results", type=Path, help=f"replace (or append) the {SECTION!r} section of this file"
+    )
+    parser.add_argument("--only", help="comma-separated tool names (prefixes) to run; baselines always run")
+    parser.add_argument("--cpu", default="0", help="CPU for the pinned row (taskset -c CPU); default 0")
+    parser.add_argument("--no-pin", action="store_true", help="skip the pinned row")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    cpu = None if args.no_pin else args.cpu
+
+    with tempfile.TemporaryDirectory(prefix="pmu-bench-optimized-") as tmpdir:
+        tmp = Path(tmpdir)
+        paths = {name: str(tmp / name) for name in ("hot", "hot-fentry", "mt")}
+        compile_target(tmp / "hot", CC_FLAGS)
+        compile_target(tmp / "mt", CC_FLAGS_MT, MT_SOURCE)
+        hot_fentry: str | None = paths["hot-fentry"]
+        try:
+            compile_target(tmp / "hot-fentry", CC_FLAGS_FENTRY)
+        except subprocess.CalledProcessError:
+            hot_fentry = None
+        tools, notes, back = build_tools(paths["hot"], hot_fentry, tmp, 0.25 if args.quick else 1.0, cpu)
+        if args.only:
+            wanted = [w.strip() for w in args.only.split(",")]
+            tools = [t for t in tools if t.baseline is None or any(t.name.startswith(w) for w in wanted)]
+        rows = measure_all(tools, paths, args.repeat, back)
+
+    summary = summarize(rows, cpu)
+    print(table(rows, summary))
+    print()
+    for note in notes:
+        print(f"note: {note}")
+    for line in summary.verdicts + summary.findings:
+        print(line)
+    if args.results is not None:
+        update_results(args.results, SECTION, section(rows, summary, tools, notes, args.repeat, cpu, tmpdir))
+        print(f"wrote the {SECTION!r} section of {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
