@@ -39,7 +39,9 @@ $(DEMO)/hot: tests/targets/hot.c
 
 demo: $(STAMP) $(DEMO)/hot
 	@echo "== pmu stat: two probed functions in a small program"
-	$(VENV)/bin/pmu stat -e uprobe:$(DEMO)/hot:work -e uprobe:$(DEMO)/hot:work2 -- $(DEMO)/hot 100000
+	$(VENV)/bin/pmu stat -v -e uprobe:$(DEMO)/hot:work -e uprobe:$(DEMO)/hot:work2 -- $(DEMO)/hot 100000
+	@echo "== the same with int3 probes (one ptrace stop per hit)"
+	$(VENV)/bin/pmu stat --no-optimize -e uprobe:$(DEMO)/hot:work -- $(DEMO)/hot 20000
 	@echo "== pmu stat: sqlite3_step in the sqlite3 shell, CSV as perf stat -x,"
 	$(VENV)/bin/pmu stat -x, -e uprobe:libsqlite3:sqlite3_step -- sqlite3 :memory: \
 	  'create table t(x); insert into t values (1),(2),(3); select * from t;'
