@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pmu.core import EF_START, EF_UPDATE, Task
-from pmu.errors import RelocationError
+from pmu.errors import RelocationError, TraceError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Event, HookReason
 from pmu.events.spec import ProbeKind, ProbeSpec
@@ -217,8 +217,8 @@ class UprobePmu:
                     site.columns.add(site.jumps[addr].column)
                     self._set_enabled(site)
                     continue
-                except RelocationError as err:
-                    site.reason = err.message
+                except (RelocationError, TraceError) as err:
+                    site.reason = err.message  # e.g. no room for a counter area: int3 serves instead
             if site.returns:
                 self.tracer.return_trampoline(mm, addr)
                 hook = functools.partial(self._entered, site, addr)

@@ -190,6 +190,24 @@ _wstatus = ctypes.c_int()
 _wstatus_ref = ctypes.byref(_wstatus)
 
 
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+SYS_PIDFD_GETFD = 438
+
+
+def fd_of(pid: int, target_fd: int) -> int:
+    """A copy of process pid's descriptor target_fd (pidfd_getfd: needs the right to ptrace it)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        fd = int(_syscall(SYS_PIDFD_GETFD, pidfd, target_fd, 0))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
+        return fd
+    finally:
+        os.close(pidfd)
+
+
 def wait(pid: int = -1, flags: int = 0, interruptible: bool = False) -> tuple[int, int]:
     """waitpid with __WALL; returns (tid, status), (0, 0) with WNOHANG and nothing ready.
 

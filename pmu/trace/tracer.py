@@ -375,7 +375,9 @@ class Tracer:
                 child.detach_on_stop = True
                 mm.counters = None
             elif mm.counters is not None:
-                self._own_counters(child, mm.counters)
+                with contextlib.suppress(TraceError, OSError, pt.PtraceError):
+                    # If it fails, the child keeps counting in its parent's area: totals stay right.
+                    self._own_counters(child, mm.counters)
             self.collect(mm)  # whatever no event re-added is restored in the child
         early = self.early.pop(child_tid, None)
         if early is not None:
@@ -487,30 +489,32 @@ class Tracer:
         return mm.counters
 
     def _map_counters(self, mm: AddressSpace, tid: int, near: int, fixed: int | None = None) -> CounterArea:
-        fd = os.memfd_create("pmu-counters", os.MFD_CLOEXEC)
+        """The tracee makes the memfd (so it may run as any user), maps it shared, and pmu takes a copy
+        of the descriptor with pidfd_getfd (the ptrace right is enough) to map it too."""
+        name = b"pmu-counters\0"
+        scratch = self._alloc_slot(mm, near, tid, len(name))
+        mm.write(scratch, name)
+        tfd = self._syscall(tid, mm, inject.SYS_MEMFD_CREATE, scratch, inject.MFD_CLOEXEC)
+        if tfd < 0:
+            raise TraceError(f"cannot make a counter area in process {mm.pid}: {os.strerror(-tfd)}")
+        fd = -1
         try:
-            os.ftruncate(fd, trampoline.AREA_BYTES)
-            mem = mmap.mmap(fd, trampoline.AREA_BYTES)
-            path = f"/proc/{os.getpid()}/fd/{fd}".encode() + b"\0"
-            scratch = self._alloc_slot(mm, near, tid, len(path))
-            mm.write(scratch, path)
-            tfd = self._syscall(
-                tid, mm, inject.SYS_OPENAT, inject.AT_FDCWD, scratch, os.O_RDWR | os.O_CLOEXEC
-            )
-            if tfd < 0:
-                raise TraceError(f"cannot open pmu's counter area in process {mm.pid}: {os.strerror(-tfd)}")
+            size = trampoline.AREA_BYTES
+            if self._syscall(tid, mm, inject.SYS_FTRUNCATE, tfd, size) < 0:
+                raise TraceError(f"cannot size the counter area in process {mm.pid}")
             flags = inject.MAP_SHARED | (inject.MAP_FIXED if fixed else 0)
             prot = inject.PROT_READ | inject.PROT_WRITE
-            addr = self._syscall(
-                tid, mm, inject.SYS_MMAP, fixed or 0, trampoline.AREA_BYTES, prot, flags, tfd, 0
-            )
-            self._syscall(tid, mm, inject.SYS_CLOSE, tfd)
+            addr = self._syscall(tid, mm, inject.SYS_MMAP, fixed or 0, size, prot, flags, tfd, 0)
             if addr < 0 or (fixed and addr != fixed):
-                raise TraceError(f"cannot map pmu's counter area in process {mm.pid}")
-            return CounterArea(fd, mem, addr, trampoline.AREA_BYTES)
+                raise TraceError(f"cannot map the counter area in process {mm.pid}")
+            fd = pt.fd_of(mm.pid, tfd)
+            return CounterArea(fd, mmap.mmap(fd, size), addr, size)
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
+        finally:
+            self._syscall(tid, mm, inject.SYS_CLOSE, tfd)
 
     def _syscall(self, tid: int, mm: AddressSpace, nr: int, *args: int) -> int:
         result, signals = inject.inject_syscall(tid, mm, nr, *args)

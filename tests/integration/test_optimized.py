@@ -103,3 +103,29 @@ def _jump_patched(pid: int, exe) -> bool:
                 finally:
                     os.close(fd)
     return False
+
+
+def test_attach_to_another_users_process(build, tmp_path_factory):
+    """root attaching to a process of another user: the counter area is made by the process itself
+    (pmu takes its descriptor with pidfd_getfd), so the probe is still optimized."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the target as another user")
+    shared = tmp_path_factory.mktemp("nobody")
+    shared.chmod(0o755)
+    exe = shared / "spin"
+    exe.write_bytes(build("spin").read_bytes())
+    exe.chmod(0o755)
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(exe), "30", "3"]
+    spin = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert spin.stdout.readline() == "ready\n"
+        r = run_pmu("stat", "-v", "-x,", "-p", spin.pid, "-e", "uprobe:work", "--", "sleep", "0.5")
+        assert r.returncode == 0, r.stderr
+        assert "pmu: uprobe:work: optimized" in r.stderr
+        assert stat_counts(r.stderr)["uprobe:work"] > 100
+        spin.send_signal(signal.SIGUSR1)
+        out, _ = spin.communicate(timeout=30)
+        assert spin.returncode == 0 and re.match(r"total=\d+ bad=0", out)
+    finally:
+        if spin.poll() is None:
+            spin.kill()
