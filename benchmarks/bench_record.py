@@ -36,6 +36,7 @@ from pathlib import Path
 from bench_stat import (
     CC_FLAGS,
     CC_FLAGS_FENTRY,
+    KERNEL_SLACK,
     PROBE,
     SYMBOL,
     BenchError,
@@ -236,6 +237,7 @@ def build_tools(
                     k,
                 ],
                 count=counter(data, lambda: perf_script_lines(data), back),
+                slack=KERNEL_SLACK,  # a kernel uprobe now and then fires twice for one call
                 prepare=remover(data, Path(f"{data}.old")),
                 context=lambda: kernel_probe(hot),
                 note=f"OFFSET = {SYMBOL}'s file offset: vaddr - PT_LOAD p_vaddr + p_offset ({offset}). "
