@@ -131,8 +131,10 @@ class Evlist:
         else:
             self.sched.task_clone(parent, task)
 
-    def task_exec(self, task: Task) -> None:
+    def task_exec(self, task: Task, former_tid: int) -> None:
         self.uprobe.vfork_done(task)
+        if former_tid != task.tid:
+            self.sched.task_renamed(former_tid, task)
         self.sched.task_exec(task)
 
     def task_exit(self, task: Task) -> None:

@@ -235,6 +235,13 @@ class Scheduler:
         """
         return self._inherit(parent, child, HookReason.FORK)
 
+    def task_renamed(self, old_tid: int, task: Task) -> None:
+        """A thread that was `old_tid` is now known as task.tid (a non-leader thread exec'd and took its
+        leader's tid): its context follows it."""
+        ctx = self._contexts.pop(old_tid, None)
+        if ctx is not None:
+            self._contexts[task.tid] = ctx
+
     def task_exec(self, task: Task) -> None:
         """The task exec'd: sched out its context, hook_task(EXEC) each event, apply enable_on_exec, sched in.
 

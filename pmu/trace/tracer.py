@@ -57,8 +57,9 @@ class TraceListener(Protocol):
     def task_new(self, task: Task, parent: Task, fork: bool) -> None:
         """`task` was created by `parent`: a thread (fork=False) or a process (fork=True)."""
 
-    def task_exec(self, task: Task) -> None:
-        """`task` exec'd: its old address space and breakpoints are gone."""
+    def task_exec(self, task: Task, former_tid: int) -> None:
+        """`task` exec'd: its old address space and breakpoints are gone. If a non-leader thread exec'd,
+        it now has the leader's tid and `former_tid` is the tid it had."""
 
     def task_exit(self, task: Task) -> None:
         """`task` is exiting (still inspectable) or has exited."""
@@ -327,8 +328,7 @@ class Tracer:
             self._new_task(task, event)
             self._resume(task)
         elif event == pt.EVENT_EXEC:
-            self._exec(task)
-            self._resume(task)
+            self._resume(self._exec(task))
         elif event == pt.EVENT_EXIT:
             task.remember_comm()
             self.fs_base(task)
@@ -411,23 +411,34 @@ class Tracer:
         finally:
             child.state = state
 
-    def _exec(self, task: Task) -> None:
+    def _exec(self, task: Task) -> Task:
+        """The exec event, reported under the leader's tid. Returns the task that now runs the image."""
         former = pt.event_msg(task.tid)
-        if former != task.tid:  # a non-leader thread exec'd and took the leader's tid
-            leader = self.tasks.pop(task.tid, None)
-            if leader is not None and leader is not task:
+        if former != task.tid:
+            # A non-leader thread exec'd and took the leader's tid: the leader is gone, and the thread
+            # that exec'd (our Task for `former`) goes on under the leader's tid.
+            execer = self.tasks.get(former)
+            if execer is not None and execer is not task:
+                leader = task
+                if leader.state not in (TaskState.EXITED, TaskState.EXITING):
+                    self.listener.task_exit(leader)
                 self._forget(leader)
-            self.tasks.pop(former, None)
-            self.tasks[task.tid] = task
+                del self.tasks[former]
+                execer.tid = leader.tid
+                execer.state = TaskState.STOPPED
+                self.tasks[execer.tid] = execer
+                task = execer
         # Every other thread of the old image is gone.
         for other in list(task.mm.tasks):
             if other is not task and other.pid == task.pid:
-                self.listener.task_exit(other)
+                if other.state not in (TaskState.EXITED, TaskState.EXITING):
+                    self.listener.task_exit(other)
                 self._forget(other)
         self._exec_mm(task)
-        self.listener.task_exec(task)
+        self.listener.task_exec(task, former)
         self._hook_rtld(task)
         self.listener.maps_changed(task.mm)
+        return task
 
     def _exec_mm(self, task: Task) -> None:
         old = task.mm
