@@ -145,6 +145,9 @@ class Evlist:
     def maps_changed(self, mm: AddressSpace) -> None:
         self.uprobe.maps_changed(mm)
 
+    def awaits_mappings(self, mm: AddressSpace) -> bool:
+        return self.uprobe.awaits_mappings(mm)
+
     def wants(self, task: Task) -> bool:
         """Whether any event counts on `task` (a forked child nobody counts is let go)."""
         ctx = self.sched.context(task)

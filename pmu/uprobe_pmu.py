@@ -189,6 +189,10 @@ class UprobePmu:
 
     # ---- mappings -------------------------------------------------------------------------------
 
+    def awaits_mappings(self, mm: AddressSpace) -> bool:
+        """Some probe of mm has no mapping of its file yet (a library to be dlopen'd)."""
+        return any(site_mm is mm and not site.addrs for (site_mm, _, _), site in self._sites.items())
+
     def maps_changed(self, mm: AddressSpace) -> None:
         """Arm probes whose files were just mapped in mm; forget addresses that were unmapped."""
         for (site_mm, _, _), site in list(self._sites.items()):

@@ -71,6 +71,10 @@ class TraceListener(Protocol):
         """Whether anything counts on a new process `task` (if not, the tracer lets it go)."""
         ...
 
+    def awaits_mappings(self, mm: AddressSpace) -> bool:
+        """Whether some probe of mm waits for its file to be mapped (then dlopen must be watched)."""
+        ...
+
 
 class Tracer:
     """Owns every traced task; the only place that waits for and resumes them."""
@@ -193,8 +197,11 @@ class Tracer:
         return [leader, *(t for tid, t in seized.items() if tid != pid)]
 
     def start(self, task: Task) -> None:
-        """Arm the dynamic linker hook in the task's image and let every thread of it run."""
-        self._hook_rtld(task)
+        """Arm the dynamic linker hook in the task's image if a probe waits for a file to be mapped,
+        and let every thread of it run. (Attached to a process whose probed files are all mapped, no
+        int3 is left in it: with jump patches only, it survives even a SIGKILL of pmu.)"""
+        if self.listener.awaits_mappings(task.mm):
+            self._hook_rtld(task)
         self.listener.maps_changed(task.mm)
         for t in list(task.mm.tasks):
             if t.state is TaskState.STOPPED:

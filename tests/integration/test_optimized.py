@@ -68,6 +68,16 @@ def test_pmu_killed_leaves_the_target_running(build):
             time.sleep(0.05)
         time.sleep(0.5)  # attached and patched
         assert _jump_patched(spin.pid, build("spin"))
+        # Every probed file is mapped already: no dlopen hook, so no int3 at all in the process.
+        from pmu.trace.rtld import debug_state_address
+
+        r_brk = debug_state_address(spin.pid)
+        assert r_brk is not None
+        fd = os.open(f"/proc/{spin.pid}/mem", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 1, r_brk) != b"\xcc"
+        finally:
+            os.close(fd)
         pmu.send_signal(signal.SIGKILL)
         pmu.wait(timeout=10)
         out, _ = spin.communicate(timeout=30)
