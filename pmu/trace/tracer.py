@@ -335,7 +335,9 @@ class Tracer:
             self._new_task(task, event)
             self._resume(task)
         elif event == pt.EVENT_EXEC:
-            self._resume(self._exec(task))
+            execed = self._exec(task)
+            if execed is not None:
+                self._resume(execed)
         elif event == pt.EVENT_EXIT:
             task.remember_comm()
             self.fs_base(task)
@@ -418,8 +420,9 @@ class Tracer:
         finally:
             child.state = state
 
-    def _exec(self, task: Task) -> Task:
-        """The exec event, reported under the leader's tid. Returns the task that now runs the image."""
+    def _exec(self, task: Task) -> Task | None:
+        """The exec event, reported under the leader's tid. Returns the task that now runs the image, or
+        None if nothing counts on it any more and it was let go."""
         former = pt.event_msg(task.tid)
         if former != task.tid:
             # A non-leader thread exec'd and took the leader's tid: the leader is gone, and the thread
@@ -443,6 +446,10 @@ class Tracer:
                 self._forget(other)
         self._exec_mm(task)
         self.listener.task_exec(task, former)
+        if not self.listener.wants(task):
+            # A vfork child nobody counts (--no-inherit) has left its parent's memory: let it go.
+            self._detach_task(task)
+            return None
         self._hook_rtld(task)
         self.listener.maps_changed(task.mm)
         return task

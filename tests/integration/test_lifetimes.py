@@ -347,3 +347,20 @@ def test_exit_status_is_the_commands_own(build, perf, parent, child, how, expect
     probe = {"status_work": _offset("uprobe:work", exe)}
     assert perf.stat(probe, argv)[0] == {"status_work": calls}
     assert perf.stat(probe, argv, "-i")[0] == {"status_work": 1}
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs /usr/bin/python3")
+@pytest.mark.parametrize("inherit", [True, False])
+def test_vfork_exec_child_is_let_go_without_inherit(inherit):
+    """posix_spawn (vfork) children: followed with inherit; with --no-inherit, untraced once they exec."""
+    script = (
+        "import subprocess, time\n"
+        "p = subprocess.Popen(['sleep', '1']); time.sleep(0.3)\n"
+        "print([l.split()[1] for l in open(f'/proc/{p.pid}/status') if l.startswith('TracerPid')][0])\n"
+        "p.wait()\n"
+    )
+    flags = [] if inherit else ["--no-inherit"]
+    r = run_pmu("stat", "-x,", *flags, "-e", "uprobe:libc:malloc", "--", "/usr/bin/python3", "-c", script)
+    assert r.returncode == 0, r.stderr
+    traced_by = int(r.stdout.strip())
+    assert (traced_by != 0) is inherit
