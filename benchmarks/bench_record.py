@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import shutil
 import statistics
 import subprocess
@@ -51,6 +50,7 @@ from bench_stat import (
     machine,
     measure,
     run,
+    update_results,
 )
 
 SECTION = "## pmu record"
@@ -466,30 +466,6 @@ def section(
     return "\n".join(parts) + "\n"
 
 
-def replace_section(text: str, new: str) -> str:
-    """text with its SECTION (up to the next level-1 or -2 heading outside code fences) replaced by new,
-    or with new appended when it has none."""
-    lines = text.splitlines(keepends=True)
-    start = end = None
-    fenced = False
-    for i, line in enumerate(lines):
-        if line.startswith("```"):
-            fenced = not fenced
-            continue
-        if fenced:
-            continue
-        if start is None and line.rstrip() == SECTION:
-            start = i
-        elif start is not None and re.match(r"#{1,2} ", line):
-            end = i
-            break
-    if start is None:
-        head = text.rstrip("\n")
-        return (head + "\n\n" if head else "") + new
-    tail = "".join(lines[end:]) if end is not None else ""
-    return "".join(lines[:start]) + new + ("\n" + tail if tail else "")
-
-
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -534,9 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in ratios(overhead, cpu):
         print(line)
     if args.results is not None:
-        old = args.results.read_text() if args.results.exists() else ""
         new = section(rows, overhead, back, tools, notes, args.repeat, cpu, tmpdir)
-        args.results.write_text(replace_section(old, new))
+        update_results(args.results, SECTION, new)
         print(f"wrote the {SECTION!r} section of {args.results}")
     return 0
 
