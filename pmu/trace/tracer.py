@@ -657,8 +657,9 @@ class Tracer:
         regs = pt.get_regs(task.tid)
         return (regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9)[:n]
 
-    def _returned(self, task: Task) -> int:
-        """A hijacked return trapped: run its handlers, return the real return address."""
+    def _returned(self, task: Task, run_handlers: bool = True) -> int:
+        """A hijacked return trapped (or is about to): pop its frames, running their handlers unless
+        pmu is leaving, and return the real return address."""
         slot = pt.peek_user(task.tid, pt.RSP) - 8
         shadow = task.shadow
         while shadow and shadow[-1].rsp < slot:
@@ -667,13 +668,13 @@ class Tracer:
             raise TraceError(
                 f"thread {task.tid} returned through pmu's trampoline with no frame to return to"
             )
-        retval = pt.peek_user(task.tid, pt.RAX)
-        frame = shadow.pop()
-        frame.handler(task, frame, retval)
-        while frame.chained and shadow:
+        retval = pt.peek_user(task.tid, pt.RAX) if run_handlers else 0
+        while True:
             frame = shadow.pop()
-            frame.handler(task, frame, retval)
-        return frame.orig
+            if run_handlers:
+                frame.handler(task, frame, retval)
+            if not (frame.chained and shadow):
+                return frame.orig
 
     def _unhijack(self, task: Task) -> None:
         """Put back every return address of task's shadow stack (before it leaves our care)."""
@@ -682,27 +683,14 @@ class Tracer:
         if tramp is None or not task.shadow:
             return
         if task.state is TaskState.STOPPED and pt.peek_user(task.tid, pt.RIP) == tramp:
-            pt.poke_user(task.tid, pt.RIP, self._returned_silently(task))
+            pt.poke_user(task.tid, pt.RIP, self._returned(task, run_handlers=False))
         for frame in task.shadow:
             if not frame.chained and mm.read(frame.rsp, 8) == tramp.to_bytes(8, "little"):
                 mm.write(frame.rsp, frame.orig.to_bytes(8, "little"))
         task.shadow.clear()
 
-    def _returned_silently(self, task: Task) -> int:
-        slot = pt.peek_user(task.tid, pt.RSP) - 8
-        shadow = task.shadow
-        while shadow and shadow[-1].rsp < slot:
-            shadow.pop()
-        frame = shadow.pop()
-        while frame.chained and shadow:
-            frame = shadow.pop()
-        return frame.orig
-
     def remove(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None:
         """Drop `consumer` from the int3 at `addr`; restore the original byte when it was the last."""
-        self._remove(mm, addr, consumer)
-
-    def _remove(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None:
         bp = mm.breakpoints.get(addr)
         if bp is None:
             return
