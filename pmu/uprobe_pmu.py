@@ -368,12 +368,14 @@ class UprobePmu:
     def _note_how(self, site: _Site) -> None:
         if site.jumps and not (site.addrs - set(site.jumps)):
             how = "optimized (jump patch, counted in the process)"
-        elif site.optimize and site.reason:
-            how = f"int3 (not optimized: {site.reason})"
         elif site.returns:
             how = "int3 (return probes use int3)"
-        elif self.optimize is False and not site.optimize and not site.returns:
-            how = "int3 (recording uses int3)" if self.ring is not None else "int3"
+        elif not self.optimize:
+            how = "int3"
+        elif not site.optimize:
+            how = "int3 (recording uses int3)"
+        elif site.reason:
+            how = f"int3 (not optimized: {site.reason})"
         else:
             how = "int3"
         kind = ProbeKind.URETPROBE if site.returns else ProbeKind.UPROBE
