@@ -676,3 +676,31 @@ def test_forked_child_writes_into_parents_ring(make_ring: Callable[..., Ring]) -
         os._exit(0 if all(put(r, 10)) else 1)
     assert os.waitpid(pid, 0)[1] == 0
     assert list(r.drain()["time"]) == list(range(10))
+
+
+def test_committed_views_and_release(make_ring: Callable[..., Ring]) -> None:
+    """Reading in place: views of the committed prefix (two across the wrap), freed only by release."""
+    r = make_ring(1, 1)
+    raw = RawProducer(r)
+    try:
+        cap = r.capacity
+        put(r, cap - 2)
+        r.drain()
+        put(r, 3, start=10)  # slots cap-2, cap-1, 0
+        gap = raw.reserve()  # slot 1
+        put(r, 2, start=20)
+        views = r.committed()
+        assert [list(v["time"]) for v in views] == [[10, 11], [12]]
+        views[0]["time"] = 99  # the consumer may convert in place
+        assert [list(v["time"]) for v in r.committed(2)] == [[99, 99]]
+        assert r.pending == 6  # nothing freed yet
+        r.release(3)
+        assert r.pending == 3 and r.committed() == []
+        with pytest.raises(ValueError):
+            r.release(4)
+        raw.commit(gap, 15)
+        assert [list(v["time"]) for v in r.committed()] == [[15, 20, 21]]
+        r.release(3)
+        assert r.pending == 0 and r.lost_total == 0
+    finally:
+        raw.close()

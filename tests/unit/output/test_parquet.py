@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,6 +21,7 @@ import pytest
 from pmu import __version__
 from pmu.errors import FileError
 from pmu.output.parquet import (
+    ROW_GROUP_ROWS,
     SCHEMA_VERSION,
     RecordWriter,
     decode_metadata,
@@ -67,7 +70,7 @@ FINAL = {
 
 
 def write_file(
-    path: Path, n: int, *, nargs: int = 2, returns: bool = True, chunk: int = 1000, **kw: int
+    path: Path, n: int, *, nargs: int = 2, returns: bool = True, chunk: int = 1000, **kw: Any
 ) -> None:
     w = RecordWriter(path, EVENTS, nargs, returns, START, **kw)
     try:
@@ -129,6 +132,28 @@ def test_event_column_is_dictionary_encoded(tmp_path: Path) -> None:
     assert col.path_in_schema == "event"
     assert any("DICTIONARY" in enc for enc in col.encodings)
     assert col.has_dictionary_page
+
+
+def test_encodings_statistics_and_compression(tmp_path: Path) -> None:
+    """Chosen for writing speed: dictionaries for event and ip, deltas elsewhere, time_ns statistics only."""
+    path = tmp_path / "pmu.parquet"
+    write_file(path, 5000, nargs=2)
+    md = pq.ParquetFile(path).metadata
+    assert md.num_row_groups == 1 and ROW_GROUP_ROWS == 2**20
+    columns = [md.row_group(0).column(i) for i in range(md.num_columns)]
+    dictionary = {c.path_in_schema for c in columns if c.has_dictionary_page}
+    assert dictionary == {"event", "ip"}
+    for c in columns:
+        assert c.compression == "UNCOMPRESSED"
+        if c.path_in_schema not in dictionary:
+            assert "DELTA_BINARY_PACKED" in c.encodings, c.path_in_schema
+    assert [c.path_in_schema for c in columns if c.is_stats_set] == ["time_ns"]
+    stats = columns[0].statistics
+    assert (stats.min, stats.max) == (10**12, 10**12 + 4999 * 1000)
+    write_file(path, 5000, nargs=2, compression="zstd")
+    md = pq.ParquetFile(path).metadata
+    assert {md.row_group(0).column(i).compression for i in range(md.num_columns)} == {"ZSTD"}
+    assert pq.read_table(path)["arg1"].to_pylist() == [2**64 - 1 - i for i in range(5000)]
 
 
 def test_round_trip_pandas(tmp_path: Path) -> None:
@@ -310,6 +335,42 @@ def test_bad_input(tmp_path: Path) -> None:
         RecordWriter(tmp_path / "y.parquet", [], 0, False, START)
 
 
+def test_bad_event_writes_nothing_of_the_batch(tmp_path: Path) -> None:
+    """Whether the bad batch fits the row group being filled or spans row groups, none of it is written."""
+    path = tmp_path / "x.parquet"
+    w = RecordWriter(path, EVENTS, 1, True, START, row_group_rows=100)
+    w.write(records(150))
+    for n in (30, 500):  # fits the 50 rows left; spans 5 row groups
+        bad = records(n, 150)
+        bad["event"][-1] = 9
+        with pytest.raises(ValueError, match="event index 9 has no name"):
+            w.write(bad)
+        assert w.rows_written == 150
+    w.write(records(10, 150))
+    w.close()
+    t = pq.read_table(path)
+    np.testing.assert_array_equal(t["time_ns"].to_numpy(), records(160)["time"])
+
+
+def test_large_and_strided_batches(tmp_path: Path) -> None:
+    """A batch of several row groups, and records that are a strided view, as any numpy array may be."""
+    path = tmp_path / "x.parquet"
+    r = records(10_000)
+    parts = [r[:7000], r[7000::2], r[7001::2][::-1]]
+    with RecordWriter(path, EVENTS, 3, True, START, row_group_rows=1000) as w:
+        for part in parts:
+            w.write(part)
+    expected = np.concatenate(parts)
+    t = pq.read_table(path)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 10
+    np.testing.assert_array_equal(t["time_ns"].to_numpy(), expected["time"])
+    np.testing.assert_array_equal(t["tid"].to_numpy(), expected["thread"])
+    np.testing.assert_array_equal(t["arg1"].to_numpy(), expected["args"][:, 1])
+    is_return = (expected["flags"] & FLAG_RETURN) != 0
+    retval = [int(v) if k else None for v, k in zip(expected["retval"], is_return, strict=True)]
+    assert t["retval"].to_pylist() == retval
+
+
 def test_unwritable_directory(tmp_path: Path) -> None:
     with pytest.raises(FileError, match="^cannot write .*/nope/pmu.parquet: No such file or directory$"):
         RecordWriter(tmp_path / "nope" / "pmu.parquet", EVENTS, 0, False, START)
@@ -356,7 +417,7 @@ def test_no_space_left(full_fs: Path) -> None:
 def test_no_space_left_at_close(full_fs: Path) -> None:
     path = full_fs / "pmu.parquet"
     w = RecordWriter(path, EVENTS, 3, True, START, row_group_rows=1_000_000, compression="none")
-    w.write(records(20_000))  # all pending: the failure comes at close
+    w.write(records(200_000))  # all pending: the failure comes at close
     with pytest.raises(FileError, match="No space left on device$"):
         w.close(FINAL)
     assert list(full_fs.iterdir()) == []
@@ -377,6 +438,12 @@ def test_duckdb_reads_it(tmp_path: Path) -> None:
         ("libc:malloc%return", 1000, 1000, 2**63 + 2999, 500),
         ("main", 1000, 0, None, 0),
     ]
+    r = records(3000)  # every value exact, u64 above 2**63 included: the delta encoding wraps around
+    got = con.execute("select time_ns, tid, arg0, arg1 from read_parquet(?)", [str(path)]).fetchnumpy()
+    np.testing.assert_array_equal(got["time_ns"], r["time"])
+    np.testing.assert_array_equal(got["tid"], r["thread"])
+    np.testing.assert_array_equal(got["arg0"], r["args"][:, 0])
+    np.testing.assert_array_equal(got["arg1"], r["args"][:, 1])
     kv = dict(con.execute("select key, value from parquet_kv_metadata(?)", [str(path)]).fetchall())
     assert decode_metadata(kv)["pmu.hits_per_event"]["main"] == 40
 
@@ -403,3 +470,18 @@ def test_from_ring_to_file(tmp_path: Path) -> None:
     assert t["event"] == ["f", "f%return"] * 150
     assert t["retval"] == [None if k % 2 == 0 else k for k in range(300)]
     assert t["latency_ns"] == [None, 5] * 150
+
+
+def test_a_device_is_written_in_place_never_renamed(tmp_path: Path) -> None:
+    """-o /dev/null: written as it is (renaming PATH.tmp over a device node, as root, would replace it)."""
+    null = tmp_path / "null"
+    try:
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        null.write_bytes(b"x")
+    except OSError as err:
+        pytest.skip(f"cannot make and use a device node here: {err}")
+    w = RecordWriter(null, ["a", "b", "c"], 0, False, {})
+    w.write(records(5))
+    w.close()
+    assert stat.S_ISCHR(os.stat(null).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null"]  # no null.old, no null.tmp
