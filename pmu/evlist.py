@@ -19,21 +19,32 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pmu.errors import FileError, ProcessError, UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Counts, Event
+from pmu.hits import Hits
+from pmu.ring import MAX_ARGS, RECORDS_PER_PAGE
 from pmu.sched.scheduler import Scheduler
+from pmu.threadnames import ThreadNames
 from pmu.trace.maps import mapped_files
 from pmu.trace.tasks import AddressSpace, Task
 from pmu.trace.tracer import Tracer, tgid_of
+from pmu.tsc import Calibration, read_tsc
 from pmu.uprobe_pmu import UprobePmu
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from pmu.ring import Ring
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+DRAIN_CHUNK = 32768
+"""Records taken from a trampoline ring at a time (4 MiB: stays in the cache while it is converted)."""
+DRAIN_BUDGET = 16
+"""Chunks per drain call before the tracer gets to answer stops again."""
+CALIBRATE_EVERY = 0.1
+"""Seconds between TSC calibration samples while recording (and one at the end)."""
+"""Chunks per drain call before the tracer gets to answer stops again."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +95,22 @@ class Evlist:
         self.sched = Scheduler({"uprobe": self.uprobe})
         self.uprobe.index_of = {attr: i for i, attr in enumerate(attrs)}
         self.ring: Ring | None = None
-        self._sink: Callable[[np.ndarray], None] | None = None
+        self._sink: Callable[[Hits], None] | None = None
         self.drain_interval = 0.05
+        self.names = ThreadNames()
+        """Who wrote the records of recording trampolines (their thread field is an FS base)."""
+        self.clock: Calibration | None = None
+        """TSC -> CLOCK_MONOTONIC for those records; made when recording starts."""
+        self.only_tids: dict[int, set[int]] = {}
+        """With -t: {pid: the only threads of it whose records are kept} (trampolines record every thread)."""
+        self._vfork_parents: dict[int, tuple[Task, int]] = {}
+        self._calibrated = 0.0
+        self.nargs = 0
+        """Argument columns the records have."""
 
-    def record_into(self, ring: Ring, sink: Callable[[np.ndarray], None], interval: float = 0.05) -> None:
+    def record_into(
+        self, ring: Ring, sink: Callable[[Hits], None], interval: float = 0.01, nargs: int = 0
+    ) -> None:
         """Sample into `ring` (events with a sample_period); `sink` gets the drained records, in bulk,
         every `interval` seconds while tracing and once more at the end."""
         self.ring = ring
@@ -95,13 +118,116 @@ class Evlist:
         self._sink = sink
         self.drain_interval = interval
         self.tracer.tick = self.drain
+        self.tracer.ring_shape = (ring.capacity // RECORDS_PER_PAGE, ring.nevents)
+        self.tracer.on_fs_base = self._fs_base_seen
+        self.clock = Calibration()
+        self.nargs = nargs
+
+    @property
+    def rings(self) -> list[Ring]:
+        """Every ring records go through: pmu's own (int3 probes) and those in traced processes."""
+        return ([self.ring] if self.ring is not None else []) + self.tracer.rings
 
     def drain(self, final: bool = False) -> None:
-        """Move whatever the ring holds to the sink (final: no producer is left, take everything)."""
-        if self.ring is not None and self._sink is not None:
-            records = self.ring.drain(final=final)
-            if len(records):
-                self._sink(records)
+        """Move what the rings hold to the sink (final: no producer is left, take everything).
+
+        Records of trampolines get their TSC converted to CLOCK_MONOTONIC ns and their FS base to a TID;
+        when several rings gave records, the batch is put in time order. They are taken DRAIN_CHUNK at a
+        time and read where they are (no copy); a drain stops after DRAIN_BUDGET chunks (and asks the
+        tracer to call again soon) so that the tracer keeps answering stops while a busy ring empties."""
+        if self._sink is None:
+            return
+        for _ in range(1 if final else DRAIN_BUDGET):
+            batches: list[Hits] = []
+            if self.ring is not None:
+                records = self.ring.drain(final=final)
+                if len(records):
+                    batches.append(Hits.of_records(records, MAX_ARGS))
+            full = False
+            if self.tracer.rings and self.clock is not None:
+                now = time.monotonic()
+                if final or now - self._calibrated >= CALIBRATE_EVERY:
+                    self.clock.add()
+                    self._calibrated = now
+                for ring in self.tracer.rings:
+                    if final:
+                        while len(records := ring.drain(DRAIN_CHUNK, final=True)):
+                            batches.append(self._named(records))
+                            self._put(batches)
+                            batches = []
+                        continue
+                    # Read where they are, written, and only then given back to the producers.
+                    views = ring.committed(DRAIN_CHUNK)
+                    taken = sum(len(v) for v in views)
+                    batches += [self._named(v) for v in views]
+                    self._put(batches)
+                    batches = []
+                    ring.release(taken)
+                    full = full or taken == DRAIN_CHUNK
+            self._put(batches)
+            if not full:
+                return
+        self.tracer.tick_due = True  # more is waiting: come back once stops are answered
+
+    def _named(self, records: np.ndarray) -> Hits:
+        """Trampoline records as hits: time in CLOCK_MONOTONIC ns, thread a TID, -t filtered."""
+        assert self.clock is not None
+        tsc = records["time"]
+        pid, tid = self.names.columns(records["pid"], records["thread"], tsc)
+        args = records["args"]
+        hits = Hits(
+            self.clock.to_ns(tsc),
+            pid,
+            tid,
+            records["event"],
+            records["ip"],
+            tuple(args[:, i] for i in range(self.nargs)),
+        )
+        for p, tids in self.only_tids.items():
+            other = (pid == p) & ~np.isin(tid, list(tids))
+            if other.any():
+                keep = ~other
+                hits = Hits(
+                    hits.time[keep],
+                    pid[keep],
+                    tid[keep],
+                    hits.event[keep],
+                    hits.ip[keep],
+                    tuple(a[keep] for a in hits.args),
+                )
+        return hits
+
+    def _put(self, batches: list[Hits]) -> None:
+        assert self._sink is not None
+        if not batches:
+            return
+        self._sink(batches[0] if len(batches) == 1 else Hits.merged(batches))
+
+    def lost_per_event(self) -> dict[int, int]:
+        """{event index: records lost because a ring was full}, over every ring."""
+        out: dict[int, int] = {}
+        for ring in self.rings:
+            for e, n in ring.lost_per_event().items():
+                out[e] = out.get(e, 0) + n
+        return out
+
+    @property
+    def lost_total(self) -> int:
+        return sum(ring.lost_total for ring in self.rings)
+
+    def clock_error_ns(self) -> int:
+        """The stated error of time_ns: the TSC calibration's if trampolines recorded, else 0 (int3 probes
+        read CLOCK_MONOTONIC themselves)."""
+        return self.clock.error_ns() if self.clock is not None and self.tracer.rings else 0
+
+    def close_rings(self) -> None:
+        """Unmap every ring (after the final drain)."""
+        for ring in self.rings:
+            ring.close()
+
+    def _fs_base_seen(self, task: Task) -> None:
+        if self.clock is not None:
+            self.names.note(task.pid, task.fs_base, read_tsc(), task.pid, task.tid)
 
     @contextlib.contextmanager
     def _ticking(self) -> Iterator[None]:
@@ -127,18 +253,29 @@ class Evlist:
         if fork:
             if task.mm is parent.mm:  # vfork: the child borrows the parent's memory until exec
                 self.uprobe.vforked(parent, task)
+                if self.clock is not None:  # and its thread: records on it are the child's meanwhile
+                    fs = self.tracer.fs_base(parent)
+                    self._vfork_parents[task.tid] = (parent, fs)
+                    self.names.note(parent.pid, fs, read_tsc(), task.pid, task.tid)
             self.sched.task_fork(parent, task)
         else:
             self.sched.task_clone(parent, task)
 
-    def task_exec(self, task: Task, former_tid: int) -> None:
+    def _vfork_done(self, task: Task) -> None:
         self.uprobe.vfork_done(task)
+        found = self._vfork_parents.pop(task.tid, None)
+        if found is not None:
+            parent, fs = found
+            self.names.note(parent.pid, fs, read_tsc(), parent.pid, parent.tid)
+
+    def task_exec(self, task: Task, former_tid: int) -> None:
+        self._vfork_done(task)
         if former_tid != task.tid:
             self.sched.task_renamed(former_tid, task)
         self.sched.task_exec(task)
 
     def task_exit(self, task: Task) -> None:
-        self.uprobe.vfork_done(task)
+        self._vfork_done(task)
         self.sched.task_exit(task)
         self.uprobe.task_exited(task)
 
@@ -199,6 +336,9 @@ class Evlist:
         if argv:
             resolve_command(argv)
         targets = [(pid, None) for pid in pids] + [(_tgid_of(tid), tid) for tid in tids]
+        for pid, tid in targets:
+            if tid is not None and pid not in pids:
+                self.only_tids.setdefault(pid, set()).add(tid)
         if not targets:
             raise UsageError("nothing to attach to")
         start = time.monotonic()
@@ -246,6 +386,7 @@ class Evlist:
     def close(self) -> None:
         """Take every event off (restoring every byte) and let go of every task still traced."""
         try:
+            self.tracer.quiesce()  # no hit in flight in a trampoline: final counts match the records
             self.sched.close()
         finally:
             self.tracer.detach_all()

@@ -67,7 +67,11 @@ class _Site:
     hooks: dict[int, Callable[[TraceTask], None]] = field(default_factory=dict)
     """The breakpoint consumer made for each address (the same object is given back on removal)."""
     optimize: bool = False
-    """Try jump patches (counting only); addresses that refuse fall back to int3."""
+    """Try jump patches; addresses that refuse fall back to int3."""
+    record: tuple[int, int] | None = None
+    """(event index, args) when the site's trampolines also record every hit into the process's ring."""
+    plain: str | None = None
+    """Why the site was not even tried with a jump patch although optimization is on."""
     jumps: dict[int, JumpPatch] = field(default_factory=dict)
     """Addresses served by a jump patch, counting in the address space's counter area."""
     reason: str | None = None
@@ -134,14 +138,36 @@ class UprobePmu:
         returns = event.attr.probe.kind is ProbeKind.URETPROBE
         site = self._sites.get((mm, probe, returns))
         if site is None:
-            optimize = self.optimize and not returns and not event.attr.sample_period
-            site = self._sites[(mm, probe, returns)] = _Site(mm, probe, returns, optimize=optimize)
+            site = self._sites[(mm, probe, returns)] = self._new_site(mm, probe, returns, event)
         entry = _Entry(event, bool(flags & EF_START), self.index_of.get(event.attr, 0))
         site.by_tid.setdefault(task.tid, []).append(entry)
         self._placed[event] = (site, entry)
         if not site.addrs:
             self._arm(site)
         return True
+
+    def _new_site(self, mm: AddressSpace, probe: ResolvedProbe, returns: bool, event: Event) -> _Site:
+        """A site, optimized if it can be: counting, or recording every hit of one event."""
+        site = _Site(mm, probe, returns)
+        period = event.attr.sample_period
+        if not self.optimize:
+            return site
+        if returns:
+            site.plain = "return probes use int3"
+        elif period and self.ring is None:
+            site.plain = "sampling without a ring"
+        elif period > 1:
+            site.plain = "-c PERIOD uses int3"
+        elif period and self._events_on(probe) > 1:
+            site.plain = "several events record this probe"
+        else:
+            site.optimize = True
+            if period:
+                site.record = (self.index_of.get(event.attr, 0), event.attr.sample_args)
+        return site
+
+    def _events_on(self, probe: ResolvedProbe) -> int:
+        return sum(1 for attr in self.index_of if self._resolved.get(attr.probe) == probe)
 
     def remove(self, event: Event, flags: int) -> None:
         placed = self._placed.pop(event, None)
@@ -254,7 +280,7 @@ class UprobePmu:
             raise RelocationError("the probe is not inside a function symbol")
         start = addr - (probe.vaddr - extent.start)
         plan = check_jump_patch(extent.code, start, extent.size, addr)
-        return self.tracer.jump_patch(site.mm, addr, plan)
+        return self.tracer.jump_patch(site.mm, addr, plan, site.record)
 
     def _set_enabled(self, site: _Site) -> None:
         area = site.mm.counters
@@ -367,13 +393,12 @@ class UprobePmu:
 
     def _note_how(self, site: _Site) -> None:
         if site.jumps and not (site.addrs - set(site.jumps)):
-            how = "optimized (jump patch, counted in the process)"
-        elif site.returns:
-            how = "int3 (return probes use int3)"
+            what = "counted and recorded" if site.record else "counted"
+            how = f"optimized (jump patch, {what} in the process)"
         elif not self.optimize:
             how = "int3"
-        elif not site.optimize:
-            how = "int3 (recording uses int3)"
+        elif site.plain:
+            how = f"int3 ({site.plain})"
         elif site.reason:
             how = f"int3 (not optimized: {site.reason})"
         else:

@@ -23,7 +23,7 @@ from pmu.events.attr import EventAttr
 from pmu.events.spec import parse_event_list
 
 if TYPE_CHECKING:
-    import numpy as np
+    from pmu.hits import Hits
 
 DEFAULT_PAGES = 1024
 """Ring size in 4 KiB pages (-m): 4 MiB, drained every 50 ms."""
@@ -126,16 +126,16 @@ def run(args: argparse.Namespace) -> int:
     writer = RecordWriter(args.output, names, args.args, returns, meta)
     try:
 
-        def sink(records: np.ndarray) -> None:
+        def sink(hits: Hits) -> None:
             nonlocal samples
-            samples += len(records)
-            writer.write(records)
+            samples += len(hits)
+            writer.write_hits(hits)
 
-        evlist.record_into(ring, sink)
+        evlist.record_into(ring, sink, nargs=args.args)
         result = evlist.run_attached(pids, tids, cmd) if pids or tids else evlist.run_command(cmd)
     finally:
-        lost = ring.lost_per_event()
-        total_lost = ring.lost_total
+        lost = evlist.lost_per_event()
+        total_lost = evlist.lost_total
         hits = {}
         for evsel in evlist.evsels:
             counts = evlist.read(evsel)
@@ -145,9 +145,10 @@ def run(args: argparse.Namespace) -> int:
                 "pmu.lost": str(total_lost),
                 "pmu.lost_per_event": json.dumps({names[i]: n for i, n in lost.items() if n}),
                 "pmu.hits_per_event": json.dumps(hits),
+                "pmu.clock_error_ns": str(evlist.clock_error_ns()),
             }
         )
-        ring.close()
+        evlist.close_rings()
     if total_lost:
         sys.stderr.write(f"Lost {total_lost} samples (ring full: try a bigger -m, or -c PERIOD)\n")
     size = os.path.getsize(args.output) / 1e6 if os.path.exists(args.output) else 0.0

@@ -26,6 +26,7 @@ SYS_OPENAT = 257
 AT_FDCWD = -100
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x01, 0x02, 0x10, 0x20, 0x100000
+MAP_POPULATE = 0x8000
 
 
 def inject_syscall(tid: int, mm: AddressSpace, nr: int, *args: int) -> tuple[int, list[int]]:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pmu.ring import Ring
 from pmu.trace.maps import Mapping, read_maps
 
 
@@ -137,6 +138,17 @@ class CounterArea:
             os.close(self.fd)
 
 
+@dataclass(eq=False)
+class TraceeRing:
+    """A ring (pmu/ring.py) that recording trampolines of an address space write into: made by the
+    tracee as a memfd, mapped shared by it at `address` and by pmu (`ring`). A forked child shares its
+    parent's (same mapping, same address); its records carry its own pid from its counter area."""
+
+    ring: Ring
+    address: int
+    size: int
+
+
 @dataclass
 class SlotArea:
     """A page range mapped r-x inside the tracee for out-of-line slots; slots are never reused."""
@@ -162,6 +174,8 @@ class AddressSpace:
         """Counter columns handed out so far (never reused: a retired column keeps its counts)."""
         self.counters: CounterArea | None = None
         """The counter area the trampolines of this address space count in."""
+        self.ring: TraceeRing | None = None
+        """The ring its recording trampolines write into (pmu record)."""
         self.ret_tramp: int | None = None
         """Address of the int3 that hijacked returns land on (in an out-of-line area)."""
         self.internal: dict[int, str] = {}

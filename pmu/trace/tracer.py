@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissionError
+from pmu.ring import ClockKind, Ring, ThreadKind
 from pmu.trace import inject, trampoline
 from pmu.trace import ptrace_ops as pt
 from pmu.trace.maps import PAGE, free_gap_near
@@ -36,6 +37,7 @@ from pmu.trace.tasks import (
     SlotArea,
     Task,
     TaskState,
+    TraceeRing,
 )
 
 INT3 = b"\xcc"
@@ -94,7 +96,15 @@ class Tracer:
         self.tick_due = False
         self.watched: int | None = None
         self.watched_status: int | None = None
+        self.ring_shape: tuple[int, int] | None = None
+        """(pages, event indexes) of the rings recording trampolines write into; None when not recording."""
+        self.rings: list[Ring] = []
+        """Every ring made in a traced process (pmu keeps its mapping after the process is gone)."""
+        self.on_fs_base: Callable[[Task], None] | None = None
+        """Called when a thread's FS base is seen to change (how recording trampolines name threads)."""
         self._stopping: dict[AddressSpace, int] = {}
+        self._held: dict[int, int] = {}
+        """Signals to deliver at detach, collected by `quiesce`."""
         self._stopped_by_us: dict[AddressSpace, list[Task]] = {}
 
     # ---- starting -------------------------------------------------------------------------------
@@ -246,6 +256,10 @@ class Tracer:
                         tid, status = wait(-1, WNOHANG, True)
                         if tid:
                             break
+                    if not tid and self.tick_due:  # the last tick left work: no sleeping
+                        tid, status = wait(-1, WNOHANG, True)
+                        if not tid:
+                            continue
                     if not tid:
                         tid, status = wait(-1, 0, True)
                 except InterruptedError:
@@ -316,7 +330,11 @@ class Tracer:
         """The task's FS base: read now if it is stopped, else as last seen."""
         if task.state is TaskState.STOPPED:
             with contextlib.suppress(pt.PtraceError):
-                task.fs_base = pt.peek_user(task.tid, pt.FS_BASE)
+                fs = pt.peek_user(task.tid, pt.FS_BASE)
+                if fs != task.fs_base:
+                    task.fs_base = fs
+                    if self.on_fs_base is not None:
+                        self.on_fs_base(task)
         return task.fs_base
 
     def _event(self, task: Task, event: int, sig: int) -> None:
@@ -374,6 +392,7 @@ class Tracer:
                 for a, p in parent.mm.jumps.items()
             }
             mm.counters = parent.mm.counters  # until the child gets its own, below
+            mm.ring = parent.mm.ring  # shared with the parent: records carry the child's own pid
             mm.columns = parent.mm.columns
             for addr in mm.internal:
                 mm.breakpoints[addr].consumers.append(self._rtld_hit)
@@ -395,6 +414,7 @@ class Tracer:
                 self._unhijack(child)
                 child.detach_on_stop = True
                 mm.counters = None
+                mm.ring = None
             elif mm.counters is not None:
                 with contextlib.suppress(TraceError, OSError, pt.PtraceError):
                     # If it fails, the child keeps counting in its parent's area: totals stay right.
@@ -493,6 +513,7 @@ class Tracer:
             task.mm.internal[addr] = "r_brk"
 
     def _rtld_hit(self, task: Task) -> None:
+        self.fs_base(task)  # the dynamic linker has set up the main thread's TLS by its second call
         self.listener.maps_changed(task.mm)
 
     # ---- breakpoints ----------------------------------------------------------------------------
@@ -545,7 +566,9 @@ class Tracer:
             if addr < 0 or (fixed and addr != fixed):
                 raise TraceError(f"cannot map the counter area in process {mm.pid}")
             fd = pt.fd_of(mm.pid, tfd)
-            return CounterArea(fd, mmap.mmap(fd, size), addr, size)
+            area = CounterArea(fd, mmap.mmap(fd, size), addr, size)
+            area.mem[trampoline.PID : trampoline.PID + 4] = mm.pid.to_bytes(4, "little")
+            return area
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -553,14 +576,49 @@ class Tracer:
         finally:
             self._syscall(tid, mm, inject.SYS_CLOSE, tfd)
 
+    def tracee_ring(self, mm: AddressSpace, near: int) -> TraceeRing:
+        """The ring mm's recording trampolines write into: made on first use, like the counter area (the
+        tracee makes the memfd and maps it shared; pmu formats it and keeps its own mapping)."""
+        if mm.ring is not None:
+            return mm.ring
+        if self.ring_shape is None:
+            raise TraceError("no ring for recording trampolines (not recording)")
+        pages, nevents = self.ring_shape
+        name = b"pmu-ring\0"
+        with self.stopped(mm) as tid:
+            scratch = self._alloc_slot(mm, near, tid, len(name))
+            mm.write(scratch, name)
+            tfd = self._syscall(tid, mm, inject.SYS_MEMFD_CREATE, scratch, inject.MFD_CLOEXEC)
+            if tfd < 0:
+                raise TraceError(f"cannot make a ring in process {mm.pid}: {os.strerror(-tfd)}")
+            try:
+                ring = Ring.format(
+                    pt.fd_of(mm.pid, tfd), pages, nevents, clock=ClockKind.TSC, thread=ThreadKind.FS_BASE
+                )
+                prot = inject.PROT_READ | inject.PROT_WRITE
+                # Populated now: a page fault per 32 records would more than double the cost of a hit.
+                flags = inject.MAP_SHARED | inject.MAP_POPULATE
+                addr = self._syscall(tid, mm, inject.SYS_MMAP, 0, ring.size, prot, flags, tfd, 0)
+                if addr < 0:
+                    ring.close()
+                    raise TraceError(f"cannot map a ring in process {mm.pid}: {os.strerror(-addr)}")
+            finally:
+                self._syscall(tid, mm, inject.SYS_CLOSE, tfd)
+        self.rings.append(ring)
+        mm.ring = TraceeRing(ring, addr, ring.size)
+        return mm.ring
+
     def _syscall(self, tid: int, mm: AddressSpace, nr: int, *args: int) -> int:
         result, signals = inject.inject_syscall(tid, mm, nr, *args)
         for sig in signals:
             self.pending.append((tid, (sig << 8) | 0x7F))
         return result
 
-    def jump_patch(self, mm: AddressSpace, addr: int, plan: PatchPlan) -> JumpPatch:
-        """Replace the instructions `plan` displaces at addr by a jump to a counting trampoline.
+    def jump_patch(
+        self, mm: AddressSpace, addr: int, plan: PatchPlan, record: tuple[int, int] | None = None
+    ) -> JumpPatch:
+        """Replace the instructions `plan` displaces at addr by a jump to a counting trampoline (which
+        also records each hit into mm's ring with `record` = (event index, number of args)).
 
         Every thread is stopped; one whose RIP lies inside the displaced instructions is moved to the
         matching instruction of the trampoline. An existing patch at addr (a forked child's copy) is
@@ -574,6 +632,9 @@ class Tracer:
             if addr < other < addr + plan.length:
                 raise RelocationError(f"another probe at {other:#x} lies inside the bytes to patch")
         area = self.counters(mm, addr)
+        spec = None
+        if record is not None:
+            spec = trampoline.RecordSpec(self.tracee_ring(mm, addr).address, record[0], addr, record[1])
         column = mm.columns
         if column >= trampoline.NSITES:
             raise RelocationError(f"more than {trampoline.NSITES} optimized probes in one process")
@@ -581,11 +642,11 @@ class Tracer:
             code = mm.read(addr, plan.length + 16)
             if code[:1] == INT3:
                 raise RelocationError(f"there is already an int3 at {addr:#x}")
-            head = len(trampoline.counting_trampoline(area.address, column))
+            head = len(trampoline.counting_trampoline(area.address, column, spec))
             tramp = self._alloc_slot(mm, addr, tid, head + 16 * plan.count + 64)
             body, _, placed = relocate_run(code, addr, tramp + head, plan.count)
             moves = [(offset, tramp + head + at) for offset, at in zip(plan.boundaries, placed, strict=True)]
-            tr = trampoline.build(area.address, column, body, tramp, addr + plan.length)
+            tr = trampoline.build(area.address, column, body, tramp, addr + plan.length, spec)
             mm.write(tramp, tr.code)
             for t in mm.tasks:
                 if t.state is TaskState.STOPPED:
@@ -821,6 +882,24 @@ class Tracer:
             pt.detach(task.tid)
         self._forget(task)
 
+    def quiesce(self) -> None:
+        """Stop every thread until `detach_all`, none left inside an out-of-line slot or a trampoline: what
+        the counter areas and rings hold is then final, every hit counted and recorded alike."""
+        mms = {t.mm for t in self.tasks.values() if not t.mm.dead}
+        for mm in mms:
+            with contextlib.suppress(OSError, pt.PtraceError, TraceError):
+                self._stop_all(mm)
+                self._stop_new(mm)
+        self._held.update(self._settle_pending())
+        for mm in mms:
+            if not mm.jumps:
+                continue  # int3 probes count at the stop: no hit is ever half done
+            for t in list(mm.tasks):
+                if t.state is TaskState.STOPPED:
+                    with contextlib.suppress(OSError, pt.PtraceError, TraceError):
+                        if pt.peek_user(t.tid, pt.RIP) != mm.ret_tramp:  # detach unhijacks that one
+                            self._step_out_of_slots(t, self._held)
+
     def detach_all(self) -> None:
         """Leave every task as if we had never been there (detach, Ctrl-C, errors, the end of a run).
 
@@ -835,6 +914,9 @@ class Tracer:
                 self._stop_all(mm)
                 self._stop_new(mm)
         deliver = self._settle_pending()
+        for tid, sig in self._held.items():
+            deliver.setdefault(tid, sig)
+        self._held.clear()
         for mm in mms:
             with contextlib.suppress(OSError, pt.PtraceError, TraceError):
                 self._leave_mm(mm, deliver)
@@ -900,6 +982,9 @@ class Tracer:
         if stopped and mm.counters is not None:
             self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, mm.counters.address, mm.counters.size)
             mm.counters = None
+        if stopped and mm.ring is not None:  # pmu's own mapping stays, to drain what is in it
+            self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, mm.ring.address, mm.ring.size)
+            mm.ring = None
         if stopped:
             for area in mm.areas:
                 _, signals = inject.munmap(stopped[0].tid, mm, area.base, area.size)

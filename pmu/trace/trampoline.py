@@ -7,13 +7,21 @@ Counts are kept per thread: a thread is known by its FS base (`rdfsbase`), which
 with `lock cmpxchg` the first time it hits; pmu maps FS bases to TIDs. The template below is the one
 place the machine code is written; tests disassemble what it produces.
 
-Counter area (one per address space, private anonymous memory, read and written by pmu through
-/proc/PID/mem):
+Counter area (one per address space: a memfd mapped shared by the tracee and by pmu):
 
     0x0000  enabled  u8[NSITES]          a site counts only while its byte is non-zero
     0x0040  miss     u64[NSITES]          hits from threads that found no free row (lock inc)
+    0x0800  pid      u32                  the process the area belongs to (forked children get their own
+                                          area at the same address), for the `pid` of ring records
     0x1000  keys     u64[NSLOTS]          FS base owning each row (0 = free); claimed by the trampoline
     0x2000  rows     u64[NSLOTS][NSITES]  per-thread hit counts, one 512-byte row per thread
+
+Recording (pmu record): after counting, the trampoline of a site that records appends one record per hit
+to a ring mapped shared into the process (pmu/ring.py: the layout and the CAS protocol, followed step by
+step): time = raw TSC (`rdtsc`, read before reserving), thread = FS base (`rdfsbase`), pid from the counter
+area, the event index and probed address baked in, the first N argument registers as they were at the
+probe (read back from where the prologue saved them), retval 0, latency -1, flags 0. A full ring counts
+the hit lost (lost_total and lost[event]) and the program goes on: producers never wait.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ NSLOTS = 256
 """Threads (rows) that can count at once; a power of two."""
 ENABLED = 0x0000
 MISS = 0x0040
+PID = 0x0800
 KEYS = 0x1000
 ROWS = 0x2000
 ROW_SHIFT = 9  # log2(NSITES * 8)
@@ -53,13 +62,77 @@ class Trampoline:
     """Offset of the relocated displaced instructions (a thread moved off the patched bytes goes there)."""
 
 
-def counting_trampoline(area: int, site: int) -> bytes:
-    """The counting prologue for column `site` of the counter area at `area` (flags and registers saved,
-    red zone stepped over); the caller appends the relocated instructions and the jump back."""
+@dataclass(frozen=True)
+class RecordSpec:
+    """What a recording trampoline writes besides counting: where the ring is and the record's constants."""
+
+    ring: int
+    """Address of the ring's header in the traced process."""
+    event: int
+    """Event index of the records (ring.py: < the ring's nevents)."""
+    ip: int
+    """The probed address."""
+    nargs: int = 0
+    """Argument registers to record (rdi, rsi, rdx, rcx, r8, r9 in that order); the rest are 0."""
+
+
+# Where the prologue of a recording trampoline saved each argument register, from RSP after its pushes
+# (pushfq, rax, rcx, rdx, r8, r9, rdi, r10): None for rsi, which the trampoline never changes.
+_ARG_SAVED: tuple[int | None, ...] = (8, None, 32, 40, 24, 16)
+
+_Insn = tuple[str, bytes, str | None]
+"""(label, bytes, branch target label or None): a branch's bytes are its short opcode (0x7X or 0xEB)."""
+
+
+def _assemble(prog: list[_Insn]) -> bytes:
+    """Lay out `prog`, giving each branch a rel8 where it reaches and a rel32 where it does not."""
+    wide: set[int] = set()
+    while True:
+        offsets: dict[str, int] = {}
+        ends: list[int] = []
+        pos = 0
+        for n, (label, code, target) in enumerate(prog):
+            if label:
+                offsets[label] = pos
+            if target is None:
+                pos += len(code)
+            elif n in wide:
+                pos += 5 if code == b"\xeb" else 6
+            else:
+                pos += 2
+            ends.append(pos)
+        far = {
+            n
+            for n, (_, _, target) in enumerate(prog)
+            if target is not None and n not in wide and not -128 <= offsets[target] - ends[n] <= 127
+        }
+        if not far:
+            break
+        wide |= far
+    out = bytearray()
+    for n, (_label, code, target) in enumerate(prog):
+        if target is None:
+            out += code
+            continue
+        rel = offsets[target] - ends[n]
+        if n not in wide:
+            out += code + _i8(rel)
+        elif code == b"\xeb":
+            out += b"\xe9" + struct.pack("<i", rel)
+        else:
+            out += bytes([0x0F, code[0] + 0x10]) + struct.pack("<i", rel)
+    return bytes(out)
+
+
+def counting_trampoline(area: int, site: int, record: RecordSpec | None = None) -> bytes:
+    """The counting (and, with `record`, recording) prologue for column `site` of the counter area at
+    `area` (flags and registers saved, red zone stepped over); the caller appends the relocated
+    instructions and the jump back."""
     if not 0 <= site < NSITES:
         raise ValueError(f"site column {site} out of range")
-    # (label, bytes, branch target label or None); short branches are resolved below.
-    prog: list[tuple[str, bytes, str | None]] = [
+    if record is not None and not 0 <= record.nargs <= len(_ARG_SAVED):
+        raise ValueError(f"at most {len(_ARG_SAVED)} argument registers, not {record.nargs}")
+    saves: list[_Insn] = [
         ("", b"\x48\x8d\x64\x24\x80", None),  # lea rsp, [rsp-0x80]     step over the red zone
         ("", b"\x9c", None),  # pushfq
         ("", b"\x50", None),  # push rax
@@ -67,6 +140,28 @@ def counting_trampoline(area: int, site: int) -> bytes:
         ("", b"\x52", None),  # push rdx
         ("", b"\x41\x50", None),  # push r8
         ("", b"\x41\x51", None),  # push r9
+    ]
+    restores: list[_Insn] = [
+        ("done", b"\x41\x59", None),  # pop r9
+        ("", b"\x41\x58", None),  # pop r8
+        ("", b"\x5a", None),  # pop rdx
+        ("", b"\x59", None),  # pop rcx
+        ("", b"\x58", None),  # pop rax
+        ("", b"\x9d", None),  # popfq
+        ("", b"\x48\x8d\xa4\x24\x80\x00\x00\x00", None),  # lea rsp, [rsp+0x80]
+    ]
+    if record is not None:
+        saves += [
+            ("", b"\x57", None),  # push rdi
+            ("", b"\x41\x52", None),  # push r10
+        ]
+        restores = [
+            ("done", b"\x41\x5a", None),  # pop r10
+            ("", b"\x5f", None),  # pop rdi
+            ("", *restores[0][1:]),
+            *restores[1:],
+        ]
+    count: list[_Insn] = [
         ("", b"\x48\xba" + struct.pack("<Q", area), None),  # movabs rdx, AREA
         ("", b"\x80\xba" + _u32(ENABLED + site) + b"\x00", None),  # cmp byte [rdx+ENABLED+site], 0
         ("", b"\x74", "done"),  # je done                   disabled: count nothing
@@ -91,37 +186,76 @@ def counting_trampoline(area: int, site: int) -> bytes:
         ("", b"\x41\xff\xc8", None),  # dec r8d
         ("", b"\x75", "loop"),  # jne loop
         ("miss", b"\xf0\x48\xff\x82" + _u32(MISS + 8 * site), None),  # lock inc qword [rdx+MISS+8*site]
-        ("", b"\xeb", "done"),  # jmp done
+        ("", b"\xeb", "done" if record is None else "record"),  # jmp done (or record)
         ("found", b"\x48\xc1\xe1" + bytes([ROW_SHIFT]), None),  # shl rcx, ROW_SHIFT
         ("", b"\x48\xff\x84\x0a" + _u32(ROWS + 8 * site), None),  # inc qword [rdx+rcx+ROWS+8*site]
-        ("done", b"\x41\x59", None),  # pop r9
-        ("", b"\x41\x58", None),  # pop r8
-        ("", b"\x5a", None),  # pop rdx
-        ("", b"\x59", None),  # pop rcx
-        ("", b"\x58", None),  # pop rax
-        ("", b"\x9d", None),  # popfq
-        ("", b"\x48\x8d\xa4\x24\x80\x00\x00\x00", None),  # lea rsp, [rsp+0x80]
     ]
-    offsets: dict[str, int] = {}
-    pos = 0
-    for label, code, target in prog:
-        if label:
-            offsets[label] = pos
-        pos += len(code) + (1 if target else 0)
-    out = bytearray()
-    for _label, code, target in prog:
-        out += code
-        if target:
-            out += _i8(offsets[target] - (len(out) + 1))
-    return bytes(out)
+    return _assemble(saves + count + (_recording(record) if record else []) + restores)
 
 
-def build(area: int, site: int, relocated: bytes, tramp_addr: int, back: int) -> Trampoline:
-    """The whole trampoline at `tramp_addr`: count, run `relocated` (already relocated to run right
-    after the counting prologue), jump back to `back`."""
+def _recording(spec: RecordSpec) -> list[_Insn]:
+    """Append one record to the ring (pmu/ring.py's producer protocol); rdx holds the counter area."""
+    args: list[_Insn] = []
+    for i, saved in enumerate(_ARG_SAVED[: spec.nargs]):
+        field = bytes([0x28 + 8 * i])
+        if saved is None:
+            args.append(("", b"\x48\x89\x70" + field, None))  # mov [rax+field], rsi
+        else:
+            args.append(("", b"\x48\x8b\x4c\x24" + bytes([saved]), None))  # mov rcx, [rsp+saved]
+            args.append(("", b"\x48\x89\x48" + field, None))  # mov [rax+field], rcx
+    zeros: list[_Insn] = [
+        ("", b"\x48\x89\x48" + bytes([0x28 + 8 * i]), None)  # mov [rax+args[i]], rcx (0)
+        for i in range(spec.nargs, len(_ARG_SAVED))
+    ]
+    return [
+        ("record", b"\x44\x8b\x82" + _u32(PID), None),  # mov r8d, [rdx+PID]       pid
+        ("", b"\xf3\x49\x0f\xae\xc1", None),  # rdfsbase r9               thread
+        ("", b"\x0f\x31", None),  # rdtsc                     time, before reserving
+        ("", b"\x48\xc1\xe2\x20", None),  # shl rdx, 32
+        ("", b"\x48\x09\xd0", None),  # or rax, rdx
+        ("", b"\x49\x89\xc2", None),  # mov r10, rax
+        ("", b"\x48\xbf" + struct.pack("<Q", spec.ring), None),  # movabs rdi, RING
+        ("reserve", b"\x48\x8b\x8f\x00\x01\x00\x00", None),  # mov rcx, [rdi+0x100]     t = tail, first
+        ("", b"\x48\x8b\x87\x80\x00\x00\x00", None),  # mov rax, [rdi+0x80]      h = head
+        ("", b"\x48\x89\xc2", None),  # mov rdx, rax
+        ("", b"\x48\x29\xca", None),  # sub rdx, rcx
+        ("", b"\x48\x3b\x57\x18", None),  # cmp rdx, [rdi+0x18]      h - t >= capacity: full
+        ("", b"\x73", "full"),  # jae full
+        ("", b"\x48\x8d\x50\x01", None),  # lea rdx, [rax+1]
+        ("", b"\xf0\x48\x0f\xb1\x97\x80\x00\x00\x00", None),  # lock cmpxchg [rdi+0x80], rdx
+        ("", b"\x75", "reserve"),  # jne reserve               another producer won: again
+        ("", b"\x48\x23\x47\x20", None),  # and rax, [rdi+0x20]      slot = h & mask
+        ("", b"\x48\xc1\xe0\x07", None),  # shl rax, 7
+        ("", b"\x48\x8d\x84\x07\x00\x10\x00\x00", None),  # lea rax, [rdi+rax+0x1000]  the record
+        ("", b"\x4c\x89\x50\x08", None),  # mov [rax+0x08], r10      time
+        ("", b"\x4c\x89\x48\x10", None),  # mov [rax+0x10], r9       thread
+        ("", b"\x44\x89\x40\x18", None),  # mov [rax+0x18], r8d      pid
+        ("", b"\xc7\x40\x1c" + _u32(spec.event), None),  # mov dword [rax+0x1c], EVENT
+        ("", b"\x48\xb9" + struct.pack("<Q", spec.ip), None),  # movabs rcx, IP
+        ("", b"\x48\x89\x48\x20", None),  # mov [rax+0x20], rcx      ip
+        *args,
+        ("", b"\x31\xc9", None),  # xor ecx, ecx
+        *zeros,
+        ("", b"\x48\x89\x48\x58", None),  # mov [rax+0x58], rcx      retval 0
+        ("", b"\x48\xc7\x40\x60\xff\xff\xff\xff", None),  # mov qword [rax+0x60], -1   latency
+        ("", b"\x48\x89\x48\x68", None),  # mov [rax+0x68], rcx      flags 0, reserved 0
+        ("", b"\x48\x89\x48\x70", None),  # mov [rax+0x70], rcx      reserved 0
+        ("", b"\x48\x89\x48\x78", None),  # mov [rax+0x78], rcx      reserved 0
+        ("", b"\x48\x89\x10", None),  # mov [rax], rdx            commit: seq = h + 1, the last store
+        ("", b"\xeb", "done"),  # jmp done
+        ("full", b"\xf0\x48\xff\x87\x80\x01\x00\x00", None),  # lock inc qword [rdi+0x180]  lost_total
+        ("", b"\xf0\x48\xff\x87" + _u32(0x200 + 8 * spec.event), None),  # lock inc qword [rdi+lost[EVENT]]
+    ]
+
+
+def build(
+    area: int, site: int, relocated: bytes, tramp_addr: int, back: int, record: RecordSpec | None = None
+) -> Trampoline:
+    """The whole trampoline at `tramp_addr`: count (and record), run `relocated` (already relocated to
+    run right after the prologue), jump back to `back`."""
     from pmu.trace.relocate import jump
 
-    head = counting_trampoline(area, site)
+    head = counting_trampoline(area, site, record)
     body = len(head)
     code = head + relocated
     return Trampoline(code + jump(tramp_addr + len(code), back), body)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import struct
+
 import capstone
 import pytest
 
+from pmu.ring import ClockKind, Ring, ThreadKind
 from pmu.trace import trampoline
 from pmu.trace.trampoline import (
     ENABLED,
@@ -12,8 +16,10 @@ from pmu.trace.trampoline import (
     MISS,
     NSITES,
     NSLOTS,
+    PID,
     ROW_SHIFT,
     ROWS,
+    RecordSpec,
     build,
     counting_trampoline,
 )
@@ -84,3 +90,142 @@ def test_layout_fits() -> None:
     assert MISS + 8 * NSITES <= KEYS and KEYS + 8 * NSLOTS <= ROWS
     with pytest.raises(ValueError):
         counting_trampoline(AREA, NSITES)
+
+
+# ---- recording ------------------------------------------------------------------------------------
+
+RING = 0x7F00_0010_0000
+IP = 0x5555_5555_1136
+
+
+@pytest.mark.parametrize("nargs", [0, 3, 6])
+def test_recording_prologue(nargs: int) -> None:
+    spec = RecordSpec(RING, 7, IP, nargs)
+    insns = _disasm(counting_trampoline(AREA, 5, spec))
+    text = [f"{m} {o}".strip() for _, m, o in insns]
+    by_addr = {a: f"{m} {o}".strip() for a, m, o in insns}
+    assert text[0] == "lea rsp, [rsp - 0x80]"
+    assert text[1:9] == [
+        "pushfq",
+        "push rax",
+        "push rcx",
+        "push rdx",
+        "push r8",
+        "push r9",
+        "push rdi",
+        "push r10",
+    ]
+    assert text[-9:] == [
+        "pop r10",
+        "pop rdi",
+        "pop r9",
+        "pop r8",
+        "pop rdx",
+        "pop rcx",
+        "pop rax",
+        "popfq",
+        "lea rsp, [rsp + 0x80]",
+    ]
+    # The ring protocol of pmu/ring.py: tail read before head, full check, CAS, commit last.
+    at = text.index(f"movabs rdi, {RING:#x}")
+    assert text.index("rdtsc") < at  # time taken before reserving
+    assert text[at + 1 : at + 3] == ["mov rcx, qword ptr [rdi + 0x100]", "mov rax, qword ptr [rdi + 0x80]"]
+    assert "lock cmpxchg qword ptr [rdi + 0x80], rdx" in text
+    commit = text.index("mov qword ptr [rax], rdx")
+    assert all("[rax" not in t for t in text[commit + 1 :])  # nothing written to the record after seq
+    assert "mov dword ptr [rax + 0x1c], 7" in text
+    assert f"movabs rcx, {IP:#x}" in text
+    assert f"mov r8d, dword ptr [rdx + {PID:#x}]" in text
+    assert "lock inc qword ptr [rdi + 0x180]" in text
+    assert f"lock inc qword ptr [rdi + {0x200 + 8 * 7:#x}]" in text
+    end = insns[-1][0] + 8
+    for _, mnemonic, op in insns:
+        if mnemonic.startswith("j"):
+            target = int(op, 16)
+            assert target in by_addr or target == end, (mnemonic, op)
+    je_done = next(op for _, m, op in insns if m == "je")
+    assert by_addr[int(je_done, 16)] == "pop r10"  # disabled: neither counted nor recorded
+
+
+unicorn = pytest.importorskip("unicorn")
+uc_x86 = pytest.importorskip("unicorn.x86_const")
+
+
+class _Machine:
+    """The recording trampoline run under unicorn, with a real Ring's memory as its ring."""
+
+    CODE = 0x10000
+    STACK = 0x80000
+    FS = 0x7F12_0000_0040
+    REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9", "rax", "rbx", "r10", "r11", "rbp")
+
+    def __init__(self, ring: Ring, nargs: int, enabled: bool = True) -> None:
+        self.ring = ring
+        self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        self.uc.mem_map(AREA, trampoline.AREA_BYTES)
+        self.uc.mem_map(RING, (ring.size + 0xFFF) & ~0xFFF)
+        self.uc.mem_map(self.CODE, 0x1000)
+        self.uc.mem_map(self.STACK - 0x10000, 0x20000)
+        self.uc.mem_write(AREA + ENABLED + 5, b"\x01" if enabled else b"\x00")
+        self.uc.mem_write(AREA + PID, (4242).to_bytes(4, "little"))
+        self.uc.mem_write(RING, os.pread(ring.fd, ring.size, 0))
+        code = counting_trampoline(AREA, 5, RecordSpec(RING, 1, IP, nargs)) + b"\xf4"  # hlt at the end
+        self.end = self.CODE + len(code) - 1
+        self.uc.mem_write(self.CODE, code)
+        self.uc.reg_write(uc_x86.UC_X86_REG_FS_BASE, self.FS)
+
+    def run(self) -> dict[str, int]:
+        """One hit: every register given a distinct value, checked unchanged afterwards."""
+        values = {r: 0x1111_0000_0000 * (i + 1) + i for i, r in enumerate(self.REGS)}
+        for r, v in values.items():
+            self.uc.reg_write(getattr(uc_x86, f"UC_X86_REG_{r.upper()}"), v)
+        self.uc.reg_write(uc_x86.UC_X86_REG_RSP, self.STACK)
+        redzone = bytes(range(128))
+        self.uc.mem_write(self.STACK - 128, redzone)
+        self.uc.emu_start(self.CODE, self.end)
+        for r, v in values.items():
+            assert self.uc.reg_read(getattr(uc_x86, f"UC_X86_REG_{r.upper()}")) == v, r
+        assert self.uc.reg_read(uc_x86.UC_X86_REG_RSP) == self.STACK
+        assert bytes(self.uc.mem_read(self.STACK - 128, 128)) == redzone  # the red zone is untouched
+        os.pwrite(self.ring.fd, bytes(self.uc.mem_read(RING, self.ring.size)), 0)
+        return values
+
+    def row(self) -> int:
+        view = bytes(self.uc.mem_read(AREA, trampoline.AREA_BYTES))
+        keys = struct.unpack_from(f"<{NSLOTS}Q", view, KEYS)
+        i = keys.index(self.FS)
+        return int(struct.unpack_from("<Q", view, ROWS + i * NSITES * 8 + 8 * 5)[0])
+
+
+@pytest.mark.parametrize("nargs", [0, 2, 6])
+def test_recording_trampoline_runs(nargs: int) -> None:
+    with Ring.create(1, 2, clock=ClockKind.TSC, thread=ThreadKind.FS_BASE) as ring:
+        m = _Machine(ring, nargs)
+        values = m.run()
+        m.run()
+        assert m.row() == 2
+        records = ring.drain()
+        assert len(records) == 2 and ring.lost_total == 0
+        r = records[0]
+        assert (int(r["thread"]), int(r["pid"]), int(r["event"]), int(r["ip"])) == (m.FS, 4242, 1, IP)
+        expected = [values[a] for a in ("rdi", "rsi", "rdx", "rcx", "r8", "r9")[:nargs]]
+        assert [int(a) for a in r["args"]] == expected + [0] * (6 - nargs)
+        assert (int(r["retval"]), int(r["latency_ns"]), int(r["flags"])) == (0, -1, 0)
+        assert int(records[1]["time"]) >= int(r["time"]) > 0
+
+
+def test_recording_full_ring_counts_lost() -> None:
+    with Ring.create(1, 2, clock=ClockKind.TSC, thread=ThreadKind.FS_BASE) as ring:
+        m = _Machine(ring, 0)
+        for _ in range(ring.capacity + 3):
+            m.run()
+        assert m.row() == ring.capacity + 3  # every hit counted
+        assert len(ring.drain()) == ring.capacity
+        assert ring.lost_total == 3 and ring.lost_per_event()[1] == 3
+
+
+def test_disabled_recording_trampoline_does_nothing() -> None:
+    with Ring.create(1, 2, clock=ClockKind.TSC, thread=ThreadKind.FS_BASE) as ring:
+        m = _Machine(ring, 6, enabled=False)
+        m.run()
+        assert len(ring.drain()) == 0 and ring.lost_total == 0
