@@ -7,7 +7,9 @@ hit is the slope between two run sizes, (t(N2) - t(N1)) / (N2 - N1) on the media
 runs each, minus the slope of the uninstrumented program; here the R repetitions go round all tools in
 turn, so that a burst of other load lands on one run of each tool. After every timed run (untimed) the
 output is read back and must hold N records: pmu's Parquet rows + `pmu.lost` == `pmu.hits_per_event` ==
-N, perf script's lines, bpftrace's timestamp lines, uftrace report's calls. pmu, perf and bpftrace run
+N, perf script's lines, bpftrace's timestamp lines, uftrace report's calls. pmu runs with --no-optimize
+here: this is the int3 engine (one ptrace stop per hit) against peers that also trap; the default,
+jump-optimized recording is measured against uftrace in bench_optimized.py. pmu, perf and bpftrace run
 twice: as they are, and with the whole command under `taskset -c CPU` (rows marked [cpu CPU]), because
 pmu's ptrace round trips are bimodal when the scheduler is free to split tracer and program across CPUs.
 
@@ -54,7 +56,7 @@ from bench_stat import (
 )
 
 SECTION = "## pmu record"
-PMU = "pmu record"
+PMU = "pmu record --no-optimize"
 PERF = "kernel uprobe (perf record)"
 BPFTRACE = "bpftrace printf"
 
@@ -199,6 +201,7 @@ def build_tools(
                 "-m",
                 "pmu",
                 "record",
+                "--no-optimize",
                 "-o",
                 str(parquet),
                 "-e",

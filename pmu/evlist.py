@@ -38,8 +38,9 @@ if TYPE_CHECKING:
     from pmu.ring import Ring
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-DRAIN_CHUNK = 32768
-"""Records taken from a trampoline ring at a time (4 MiB: stays in the cache while it is converted)."""
+DRAIN_CHUNK = 8192
+"""Records taken from a trampoline ring at a time (their first lines, 512 KiB, stay in the cache while
+they are copied and converted)."""
 DRAIN_BUDGET = 16
 """Chunks per drain call before the tracer gets to answer stops again."""
 CALIBRATE_EVERY = 0.1
@@ -133,8 +134,8 @@ class Evlist:
 
         Records of trampolines get their TSC converted to CLOCK_MONOTONIC ns and their FS base to a TID;
         when several rings gave records, the batch is put in time order. They are taken DRAIN_CHUNK at a
-        time and read where they are (no copy); a drain stops after DRAIN_BUDGET chunks (and asks the
-        tracer to call again soon) so that the tracer keeps answering stops while a busy ring empties."""
+        time, only the words the file needs (ring.take); a drain stops after DRAIN_BUDGET chunks (and asks
+        the tracer to call again soon) so that the tracer keeps answering stops while a busy ring empties."""
         if self._sink is None:
             return
         for _ in range(1 if final else DRAIN_BUDGET):
@@ -150,24 +151,38 @@ class Evlist:
                     self.clock.add()
                     self._calibrated = now
                 for ring in self.tracer.rings:
-                    if final:
-                        while len(records := ring.drain(DRAIN_CHUNK, final=True)):
-                            batches.append(self._named(records))
-                            self._put(batches)
-                            batches = []
-                        continue
-                    # Read where they are, written, and only then given back to the producers.
-                    views = ring.committed(DRAIN_CHUNK)
-                    taken = sum(len(v) for v in views)
-                    batches += [self._named(v) for v in views]
-                    self._put(batches)
-                    batches = []
-                    ring.release(taken)
+                    while True:
+                        words = ring.take(DRAIN_CHUNK, 5 + self.nargs)
+                        taken = len(words)
+                        if taken:
+                            batches.append(self._named_words(words))
+                        self._put(batches)
+                        batches = []
+                        if taken < DRAIN_CHUNK or not final:
+                            break
                     full = full or taken == DRAIN_CHUNK
+                    if final and len(records := ring.drain(final=True)):  # after abandoned records
+                        batches.append(self._named(records))
             self._put(batches)
             if not full:
                 return
         self.tracer.tick_due = True  # more is waiting: come back once stops are answered
+
+    def _named_words(self, words: np.ndarray) -> Hits:
+        """Trampoline records given as their first words (ring.take): as `_named`."""
+        tsc = words[:, 1].view(np.int64)
+        halves = words.view(np.int32)  # word 3 is pid (low half) and event (high half)
+        pid, tid = self.names.columns(halves[:, 6], words[:, 2], tsc)
+        return self._filtered(
+            Hits(
+                self.clock.to_ns(tsc) if self.clock is not None else tsc,
+                pid,
+                tid,
+                halves[:, 7],
+                words[:, 4],
+                tuple(words[:, 5 + i] for i in range(self.nargs)),
+            )
+        )
 
     def _named(self, records: np.ndarray) -> Hits:
         """Trampoline records as hits: time in CLOCK_MONOTONIC ns, thread a TID, -t filtered."""
@@ -175,22 +190,27 @@ class Evlist:
         tsc = records["time"]
         pid, tid = self.names.columns(records["pid"], records["thread"], tsc)
         args = records["args"]
-        hits = Hits(
-            self.clock.to_ns(tsc),
-            pid,
-            tid,
-            records["event"],
-            records["ip"],
-            tuple(args[:, i] for i in range(self.nargs)),
+        return self._filtered(
+            Hits(
+                self.clock.to_ns(tsc),
+                pid,
+                tid,
+                records["event"],
+                records["ip"],
+                tuple(args[:, i] for i in range(self.nargs)),
+            )
         )
+
+    def _filtered(self, hits: Hits) -> Hits:
+        """Without the hits of threads -t left out."""
         for p, tids in self.only_tids.items():
-            other = (pid == p) & ~np.isin(tid, list(tids))
+            other = (hits.pid == p) & ~np.isin(hits.tid, list(tids))
             if other.any():
                 keep = ~other
                 hits = Hits(
                     hits.time[keep],
-                    pid[keep],
-                    tid[keep],
+                    hits.pid[keep],
+                    hits.tid[keep],
                     hits.event[keep],
                     hits.ip[keep],
                     tuple(a[keep] for a in hits.args),

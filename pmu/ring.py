@@ -1,12 +1,13 @@
 """Ring buffers of probe-hit records in shared memory: lock-free producers, one consumer draining in bulk.
 
 A ring is one memfd: a 4 KiB header page, then `capacity` records of 128 bytes (`RECORD_DTYPE`). Producers
-are the tracer (`Ring.write`, at each ptrace stop) and, later, jump-optimized probes: hand-encoded x86-64
-trampolines that run inside the traced process, in many threads at once, with the memfd mapped shared
-into it. The consumer is `pmu record`, which calls `Ring.drain` and streams the records to Parquet. So
-the layout below is an ABI for code that is not Python; its version is `VERSION` and any change to it
-bumps the version. `tests/unit/test_ring.py` holds a C producer (`C_PRODUCER`) that follows this text
-and is run against the Python consumer: it is the executable form of this specification.
+are the tracer (`Ring.write`, at each ptrace stop) and jump-optimized probes: hand-encoded x86-64
+trampolines (pmu/trace/trampoline.py) that run inside the traced process, in many threads at once, with
+the memfd mapped shared into it. The consumer is `pmu record`, which calls `Ring.drain` (whole records)
+or `Ring.take` (the first words of each, for trampoline rings) and streams them to Parquet. So the layout
+below is an ABI for code that is not Python; its version is `VERSION` and any change to it bumps the
+version. `tests/unit/test_ring.py` holds a C producer (`C_PRODUCER`) that follows this text and is run
+against the Python consumer: it is the executable form of this specification.
 
 Header page (all fields little-endian, offsets in hex; unlisted bytes are 0):
 
@@ -380,6 +381,7 @@ class Ring:
         "_records",
         "_seq",
         "_bytes",
+        "_lines",
         "_capacity",
         "_mask",
         "_nevents",
@@ -427,6 +429,9 @@ class Ring:
         )
         self._seq: npt.NDArray[np.uint64] = self._records["seq"]
         self._bytes: npt.NDArray[np.uint8] = np.frombuffer(self._mm, np.uint8)
+        self._lines: npt.NDArray[np.uint64] = np.ndarray(
+            (self._capacity, RECORD_SIZE // 8), np.uint64, buffer=self._mm, offset=HEADER_SIZE
+        )
         self._body = (ctypes.c_char * _BODY_SIZE)()
         self._body_view = memoryview(self._body).cast("B")
         self._packers = tuple(b.pack_into for b in _BODIES)
@@ -634,39 +639,36 @@ class Ring:
         w[_TAIL_W] = t + k
         return result
 
-    def committed(self, limit: int | None = None) -> list[npt.NDArray[Any]]:
-        """Views of the committed records from tail on (at most `limit`): one array, or two where the ring
-        wraps, in order; empty if there are none. Nothing is freed until `release`, and until then the
-        consumer may read and rewrite them in place (no copy: for consumers that convert as they go)."""
+    def take(self, limit: int, words: int) -> npt.NDArray[np.uint64]:
+        """Copy out the first `words` 8-byte words (seq, time, thread, pid|event<<32, ip, args...) of each
+        committed record from tail on (at most `limit`), as a (k, words) array, and free them.
+
+        For a consumer that needs a few fields of many records: the commit words are read first (one
+        strided pass that also brings each record's first line into the cache), then only the words
+        asked for are copied, from the cache; a record is never read before its commit word.
+        """
         if self._closed:
             raise ValueError("drain of a closed ring")
+        if not 1 <= words <= RECORD_SIZE // 8:
+            raise ValueError(f"words must be 1..{RECORD_SIZE // 8}, not {words}")
         w = self._words
         t = w[_TAIL_W]
-        n = min(w[_HEAD_W] - t, self._capacity)
-        if limit is not None:
-            n = min(n, max(limit, 0))
+        n = min(w[_HEAD_W] - t, self._capacity, max(limit, 0))
         if n <= 0:
-            return []
+            return np.empty((0, words), np.uint64)
         start = t & self._mask
         n1 = min(n, self._capacity - start)
-        expected = np.arange(t + 1, t + 1 + n, dtype=np.uint64)
-        ok = np.empty(n, np.bool_)
-        np.equal(self._seq[start : start + n1], expected[:n1], out=ok[:n1])
-        np.equal(self._seq[: n - n1], expected[n1:], out=ok[n1:])
+        seq = np.empty(n, np.uint64)
+        seq[:n1] = self._seq[start : start + n1]
+        seq[n1:] = self._seq[: n - n1]
+        ok = seq == np.arange(t + 1, t + 1 + n, dtype=np.uint64)
         k = n if ok.all() else int(np.argmin(ok))
         k1 = min(k, n1)
-        views = [self._records[start : start + k1]] if k1 else []
-        if k > k1:
-            views.append(self._records[: k - k1])
-        return views
-
-    def release(self, count: int) -> None:
-        """Free the first `count` records that `committed` gave (their slots go back to the producers)."""
-        self._check_open()
-        w = self._words
-        if not 0 <= count <= w[_HEAD_W] - w[_TAIL_W]:
-            raise ValueError(f"cannot release {count} records of {w[_HEAD_W] - w[_TAIL_W]}")
-        w[_TAIL_W] = w[_TAIL_W] + count
+        out = np.empty((k, words), np.uint64)
+        out[:k1] = self._lines[start : start + k1, :words]
+        out[k1:] = self._lines[: k - k1, :words]
+        w[_TAIL_W] = t + k
+        return out
 
     @property
     def pending(self) -> int:
@@ -704,7 +706,7 @@ class Ring:
             _unmap_code(self._code)
             self._code = None
         self._anchor = None
-        del self._records, self._seq, self._bytes
+        del self._records, self._seq, self._bytes, self._lines
         self._words.release()
         self._mm.close()
         os.close(self._fd)

@@ -12,13 +12,15 @@ A file of schema version 1 (`SCHEMA_VERSION`) has one row per probe hit, in the 
     latency_ns  int64, nullable           only with `returns`: return minus entry time; null on other rows
                                           and where the entry was not seen
 
-Row groups hold up to `ROW_GROUP_ROWS` (2**20) rows, written as they fill. The encodings are chosen for
-writing speed, as `pmu record` may take tens of millions of records per second on one core: `event` and
-`ip` (few distinct values, far apart) are dictionary-encoded, every other column is DELTA_BINARY_PACKED
-(increasing times, nearby TIDs and pointers, small integers take a few bits a row; the worst case is
-about plain's size); pages are not compressed, and only `time_ns` has min/max statistics, so that readers
-can skip row groups by time. The five base columns take about 1.1 bytes per row (up to 3 when TIDs are
-far apart). pyarrow, pandas and DuckDB read these files; encodings are no part of the schema version.
+Row groups hold up to `ROW_GROUP_ROWS` (2**18) rows, written as they fill by a thread of the writer's own
+(pyarrow lets go of the GIL while it encodes, so pmu converts the next records meanwhile). The encodings
+are chosen for writing speed, as `pmu record` may take tens of millions of records per second on one
+core: `event` and `ip` (few distinct values, far apart) are dictionary-encoded, every other column is
+DELTA_BINARY_PACKED (increasing times, nearby TIDs and pointers, small integers take a few bits a row;
+the worst case is about plain's size); pages are not compressed, and only `time_ns` has min/max
+statistics, so that readers can skip row groups by time. The five base columns take about 1.1 bytes per
+row (up to 3 when TIDs are far apart). pyarrow, pandas and DuckDB read these files; encodings are no part
+of the schema version.
 
 The run's metadata is in the file's key-value metadata (Parquet's footer), all values strings, JSON where
 structured; `read_metadata` decodes it. pyarrow's `read_table(...).schema.metadata` does not show it:
@@ -53,7 +55,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final
@@ -77,7 +81,7 @@ JSON_KEYS: Final = frozenset({"pmu.command", "pmu.events", "pmu.lost_per_event",
 INT_KEYS: Final = frozenset({"pmu.schema_version", "pmu.start_monotonic_ns", "pmu.lost", "pmu.sample_period"})
 """Metadata values that are decimal integers."""
 
-ROW_GROUP_ROWS: Final = 1 << 20
+ROW_GROUP_ROWS: Final = 1 << 18
 """Rows per row group of `RecordWriter` by default."""
 _DICTIONARY_COLUMNS: Final = frozenset({"event", "ip"})
 """Dictionary-encoded columns (few distinct values); the others are DELTA_BINARY_PACKED."""
@@ -189,8 +193,9 @@ class RecordWriter:
     on any write failure.
 
     Records are copied into the columns of one row group, allocated at the first write (28 bytes a row,
-    8 more per arg, 20 more with returns: 28 MiB to 96 MiB at 2**20 rows), written out when full: memory
-    stays below about two row groups (with the batch being written) whatever the length of the run.
+    8 more per arg, 20 more with returns: 7 MiB to 24 MiB at 2**18 rows), handed to the background
+    thread when full while a second set of columns fills: memory stays at two row groups whatever the
+    length of the run. `background=False` writes in the caller's thread.
     Cost, on a 2-vCPU AMD EPYC VM with pyarrow 26, for 5M records of 4 threads handed over in batches of
     10k to 1M: about 20-25 ns a row and 1.1 bytes (no args, no returns), 70-80 ns and 9.5 bytes with 2 args
     (one a heap pointer) and returns, 95-100 ns and 14 bytes with 6 args and returns; the nullable
@@ -209,6 +214,7 @@ class RecordWriter:
         row_group_rows: int = ROW_GROUP_ROWS,
         *,
         compression: str = "none",
+        background: bool = True,
     ) -> None:
         if not 0 <= nargs <= MAX_ARGS:
             raise ValueError(f"nargs must be 0..{MAX_ARGS}, not {nargs}")
@@ -241,6 +247,13 @@ class RecordWriter:
         """One row group's columns, in schema order (then flags), allocated at the first write."""
         self._rows = 0
         """Rows in `_buffers`, not yet written."""
+        self.background = background
+        """Row groups are written by a thread of their own while the caller fills the next."""
+        self._sets = 0
+        self._queue: queue.Queue[tuple[pa.Table, list[npt.NDArray[Any]]] | None] = queue.Queue()
+        self._free: queue.Queue[list[npt.NDArray[Any]]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
         self._closed = False
         self._file: Any = None
         self._writer: Any = None
@@ -290,9 +303,10 @@ class RecordWriter:
         self._append(fields, hits.event)
 
     def _append(self, fields: list[npt.NDArray[Any]], event: npt.NDArray[Any]) -> None:
+        self._raise_failure()
         n = len(fields[0])
         if not self._buffers:
-            self._buffers = [np.empty(self.row_group_rows, t) for t in self._dtypes]
+            self._buffers = self._next_buffers()
         checked = n > self.row_group_rows - self._rows  # a row group is written before the last record
         if checked:
             self._check_events(event)
@@ -352,12 +366,58 @@ class RecordWriter:
             columns.append(_nullable(pa.uint64(), retval, is_return))
             columns.append(_nullable(pa.int64(), latency, is_return & (latency >= 0)))
         table = pa.Table.from_arrays(columns, schema=self.schema)  # zero-copy: views of the buffers
+        self._rows = 0
+        if not self.background:
+            self._write_table(table)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="pmu-parquet", daemon=True)
+            self._thread.start()
+        self._queue.put((table, self._buffers))
+        self._buffers = self._next_buffers()
+        self._raise_failure()
+
+    def _write_table(self, table: pa.Table) -> None:
         try:
-            self._writer.write_table(table, row_group_size=self._rows)
+            self._writer.write_table(table, row_group_size=len(table))
         except OSError as e:
             self._abort()
             raise FileError(_message("cannot write", self.path, e)) from None
-        self._rows = 0
+
+    def _next_buffers(self) -> list[npt.NDArray[Any]]:
+        """A free set of row-group buffers: a new one while fewer than two exist, else the one the
+        background thread gives back once it has written it."""
+        if self._sets < 2:
+            self._sets += 1
+            return [np.empty(self.row_group_rows, t) for t in self._dtypes]
+        return self._free.get()
+
+    def _work(self) -> None:
+        """The background thread: writes each row group handed over (pyarrow lets go of the GIL while
+        it encodes), then gives its buffers back. After a failure it only gives buffers back."""
+        while (item := self._queue.get()) is not None:
+            table, buffers = item
+            if self._failure is None:
+                try:
+                    self._writer.write_table(table, row_group_size=len(table))
+                except BaseException as e:  # reported by the caller's next write or close
+                    self._failure = e
+            del table, item
+            self._free.put(buffers)
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _raise_failure(self) -> None:
+        e = self._failure
+        if e is not None:
+            self._abort()
+            if isinstance(e, OSError):
+                raise FileError(_message("cannot write", self.path, e)) from None
+            raise e
 
     def close(self, final_metadata: Mapping[str, str] | None = None) -> None:
         """Write what is pending and the metadata, and rename PATH.tmp to PATH. Idempotent.
@@ -376,6 +436,8 @@ class RecordWriter:
         try:
             if self._rows:
                 self._flush()
+            self._stop_thread()
+            self._raise_failure()
             self._writer.add_key_value_metadata({**self._metadata, **final})
             self._writer.close()
             self._file.close()
@@ -390,6 +452,7 @@ class RecordWriter:
     def _abort(self) -> None:
         """Give up: close what is open, remove PATH.tmp; later writes raise, closes do nothing."""
         self._closed = True
+        self._stop_thread()
         self._buffers = []
         self._rows = 0
         for thing in (self._writer, self._file):

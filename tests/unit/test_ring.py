@@ -678,8 +678,8 @@ def test_forked_child_writes_into_parents_ring(make_ring: Callable[..., Ring]) -
     assert list(r.drain()["time"]) == list(range(10))
 
 
-def test_committed_views_and_release(make_ring: Callable[..., Ring]) -> None:
-    """Reading in place: views of the committed prefix (two across the wrap), freed only by release."""
+def test_take_copies_words_of_the_committed_prefix(make_ring: Callable[..., Ring]) -> None:
+    """The first words of committed records (across the wrap), stopping at an uncommitted one."""
     r = make_ring(1, 1)
     raw = RawProducer(r)
     try:
@@ -689,18 +689,16 @@ def test_committed_views_and_release(make_ring: Callable[..., Ring]) -> None:
         put(r, 3, start=10)  # slots cap-2, cap-1, 0
         gap = raw.reserve()  # slot 1
         put(r, 2, start=20)
-        views = r.committed()
-        assert [list(v["time"]) for v in views] == [[10, 11], [12]]
-        views[0]["time"] = 99  # the consumer may convert in place
-        assert [list(v["time"]) for v in r.committed(2)] == [[99, 99]]
-        assert r.pending == 6  # nothing freed yet
-        r.release(3)
-        assert r.pending == 3 and r.committed() == []
-        with pytest.raises(ValueError):
-            r.release(4)
+        words = r.take(100, 5)
+        assert words.shape == (3, 5)
+        assert words[:, 1].tolist() == [10, 11, 12]  # word 1: time
+        assert words[:, 0].tolist() == [cap - 1, cap, cap + 1]  # word 0: seq = index + 1
+        assert r.pending == 3  # the taken ones are freed, the rest wait for the gap
         raw.commit(gap, 15)
-        assert [list(v["time"]) for v in r.committed()] == [[15, 20, 21]]
-        r.release(3)
+        assert r.take(2, 2)[:, 1].tolist() == [15, 20]
+        assert r.take(100, 16)[:, 1].tolist() == [21]
         assert r.pending == 0 and r.lost_total == 0
+        with pytest.raises(ValueError):
+            r.take(1, 17)
     finally:
         raw.close()

@@ -139,7 +139,7 @@ def test_encodings_statistics_and_compression(tmp_path: Path) -> None:
     path = tmp_path / "pmu.parquet"
     write_file(path, 5000, nargs=2)
     md = pq.ParquetFile(path).metadata
-    assert md.num_row_groups == 1 and ROW_GROUP_ROWS == 2**20
+    assert md.num_row_groups == 1 and ROW_GROUP_ROWS == 2**18
     columns = [md.row_group(0).column(i) for i in range(md.num_columns)]
     dictionary = {c.path_in_schema for c in columns if c.has_dictionary_page}
     assert dictionary == {"event", "ip"}
