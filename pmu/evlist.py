@@ -8,6 +8,7 @@ command it launches, or on processes it attaches to) and read its counts per Evs
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import resource
 import shutil
@@ -108,6 +109,7 @@ class Evlist:
         self._calibrated = 0.0
         self.nargs = 0
         """Argument columns the records have."""
+        self._words = np.empty((0, 5), np.uint64)
 
     def record_into(
         self, ring: Ring, sink: Callable[[Hits], None], interval: float = 0.01, nargs: int = 0
@@ -123,6 +125,7 @@ class Evlist:
         self.tracer.on_fs_base = self._fs_base_seen
         self.clock = Calibration()
         self.nargs = nargs
+        self._words = np.empty((DRAIN_CHUNK, 5 + nargs), np.uint64)  # reused: no page faults per chunk
 
     @property
     def rings(self) -> list[Ring]:
@@ -152,7 +155,7 @@ class Evlist:
                     self._calibrated = now
                 for ring in self.tracer.rings:
                     while True:
-                        words = ring.take(DRAIN_CHUNK, 5 + self.nargs)
+                        words = ring.take(DRAIN_CHUNK, 5 + self.nargs, self._words)
                         taken = len(words)
                         if taken:
                             batches.append(self._named_words(words))
@@ -252,6 +255,9 @@ class Evlist:
     @contextlib.contextmanager
     def _ticking(self) -> Iterator[None]:
         """While recording, a timer signal makes the tracer's loop drain the ring regularly."""
+        # Everything made so far (modules, pyarrow) lives as long as pmu: keep the collector from walking
+        # it again and again while millions of records go by (it took a tenth of pmu record's time).
+        gc.freeze()
         if self.ring is None:
             yield
             return

@@ -639,13 +639,16 @@ class Ring:
         w[_TAIL_W] = t + k
         return result
 
-    def take(self, limit: int, words: int) -> npt.NDArray[np.uint64]:
+    def take(
+        self, limit: int, words: int, out: npt.NDArray[np.uint64] | None = None
+    ) -> npt.NDArray[np.uint64]:
         """Copy out the first `words` 8-byte words (seq, time, thread, pid|event<<32, ip, args...) of each
         committed record from tail on (at most `limit`), as a (k, words) array, and free them.
 
         For a consumer that needs a few fields of many records: the commit words are read first (one
         strided pass that also brings each record's first line into the cache), then only the words
-        asked for are copied, from the cache; a record is never read before its commit word.
+        asked for are copied, from the cache; a record is never read before its commit word. `out`, a
+        C-contiguous (rows, words) array to reuse, bounds the count too, and the result is a view of it.
         """
         if self._closed:
             raise ValueError("drain of a closed ring")
@@ -654,6 +657,10 @@ class Ring:
         w = self._words
         t = w[_TAIL_W]
         n = min(w[_HEAD_W] - t, self._capacity, max(limit, 0))
+        if out is not None:
+            if out.ndim != 2 or out.shape[1] != words or not out.flags.c_contiguous:
+                raise ValueError(f"out must be a C-contiguous (rows, {words}) array")
+            n = min(n, len(out))
         if n <= 0:
             return np.empty((0, words), np.uint64)
         start = t & self._mask
@@ -664,11 +671,11 @@ class Ring:
         ok = seq == np.arange(t + 1, t + 1 + n, dtype=np.uint64)
         k = n if ok.all() else int(np.argmin(ok))
         k1 = min(k, n1)
-        out = np.empty((k, words), np.uint64)
-        out[:k1] = self._lines[start : start + k1, :words]
-        out[k1:] = self._lines[: k - k1, :words]
+        result = np.empty((k, words), np.uint64) if out is None else out[:k]
+        result[:k1] = self._lines[start : start + k1, :words]
+        result[k1:] = self._lines[: k - k1, :words]
         w[_TAIL_W] = t + k
-        return out
+        return result
 
     @property
     def pending(self) -> int:

@@ -25,8 +25,9 @@ from pmu.events.spec import parse_event_list
 if TYPE_CHECKING:
     from pmu.hits import Hits
 
-DEFAULT_PAGES = 1024
-"""Ring size in 4 KiB pages (-m): 4 MiB, drained every 50 ms."""
+DEFAULT_PAGES = 8192
+"""Ring size in 4 KiB pages (-m): 32 MiB (262,144 records) for pmu's ring and for each traced process
+that records through jump patches, drained every 10 ms and continuously while records keep coming."""
 MAX_ARGS = 6
 
 
@@ -68,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         type=int,
         default=DEFAULT_PAGES,
         metavar="PAGES",
-        help=f"ring buffer size in 4 KiB pages (default {DEFAULT_PAGES})",
+        help=f"ring buffer size in 4 KiB pages, for each traced process (default {DEFAULT_PAGES})",
     )
     add_target_options(p)
     p.set_defaults(func=run)
