@@ -441,9 +441,11 @@ def section(
     parts = [
         SECTION,
         "",
-        "Cost per recorded hit of `pmu record` (Parquet writing included) against peers that write every "
-        "hit to a file. Written by `benchmarks/bench_record.py --results benchmarks/RESULTS.md`, which "
-        "replaces only this section (each benchmark script replaces its own).",
+        "Cost per recorded hit of `pmu record --no-optimize` (the int3 engine, one ptrace stop per hit; "
+        "Parquet writing included) against peers that trap and write every hit to a file. The default, "
+        "jump-optimized recording is measured against uftrace under Jump-optimized probes below. Written "
+        "by `benchmarks/bench_record.py --results benchmarks/RESULTS.md`, which replaces only this "
+        "section (each benchmark script replaces its own).",
         "",
         f"- date: {today}",
         f"- machine: {machine()}",
