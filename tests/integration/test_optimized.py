@@ -63,10 +63,7 @@ def test_pmu_killed_leaves_the_target_running(build):
             text=True,
             cwd=ROOT,
         )
-        deadline = time.monotonic() + 20
-        while _tracer(spin.pid) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # attached and patched
+        _wait_traced(spin.pid)
         assert _jump_patched(spin.pid, build("spin"))
         # Every probed file is mapped already: no dlopen hook, so no int3 at all in the process.
         from pmu.trace.rtld import debug_state_address
@@ -86,6 +83,14 @@ def test_pmu_killed_leaves_the_target_running(build):
     finally:
         if spin.poll() is None:
             spin.kill()
+
+
+def _wait_traced(pid: int) -> None:
+    """Until pmu has attached to pid, and half a second more for it to patch."""
+    deadline = time.monotonic() + 20
+    while _tracer(pid) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
 
 
 def _tracer(pid: int) -> int:

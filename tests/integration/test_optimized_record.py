@@ -8,14 +8,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import NO_OPTIMIZE, run_pmu
-from tests.integration.test_optimized import _tracer
+from tests.integration.test_optimized import _wait_traced
 
 ROOT = str(Path(__file__).resolve().parents[2])
 pytestmark = pytest.mark.skipif(NO_OPTIMIZE, reason="optimized recording (the --no-optimize pass skips it)")
@@ -96,10 +95,7 @@ def test_pmu_killed_while_recording_leaves_the_target_running(build, tmp_path):
             text=True,
             cwd=ROOT,
         )
-        deadline = time.monotonic() + 20
-        while _tracer(spin.pid) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
+        _wait_traced(spin.pid)
         pmu.send_signal(signal.SIGKILL)
         pmu.wait(timeout=10)
         out, _ = spin.communicate(timeout=30)

@@ -39,23 +39,20 @@ def _disasm(code: bytes, at: int = 0x1000) -> list[tuple[int, str, str]]:
     return out
 
 
+def _check_frame(text: list[str], saved: list[str]) -> None:
+    """The red zone is stepped over before anything is pushed, flags and `saved` are pushed in this
+    order, popped in the reverse order, and the red zone given back after everything is popped."""
+    n = len(saved) + 2
+    assert text[:n] == ["lea rsp, [rsp - 0x80]", "pushfq", *(f"push {r}" for r in saved)]
+    assert text[-n:] == [*(f"pop {r}" for r in reversed(saved)), "popfq", "lea rsp, [rsp + 0x80]"]
+
+
 @pytest.mark.parametrize("site", [0, 5, NSITES - 1])
 def test_counting_prologue(site: int) -> None:
     insns = _disasm(counting_trampoline(AREA, site))
     text = [f"{m} {o}".strip() for _, m, o in insns]
     by_addr = {a: f"{m} {o}".strip() for a, m, o in insns}
-    # The red zone is stepped over before anything is pushed, and given back after everything is popped.
-    assert text[0] == "lea rsp, [rsp - 0x80]"
-    assert text[1:7] == ["pushfq", "push rax", "push rcx", "push rdx", "push r8", "push r9"]
-    assert text[-7:] == [
-        "pop r9",
-        "pop r8",
-        "pop rdx",
-        "pop rcx",
-        "pop rax",
-        "popfq",
-        "lea rsp, [rsp + 0x80]",
-    ]
+    _check_frame(text, ["rax", "rcx", "rdx", "r8", "r9"])
     assert f"movabs rdx, {AREA:#x}" in text
     enabled = ENABLED + site
     assert (f"cmp byte ptr [rdx + {_num(enabled)}], 0" if enabled else "cmp byte ptr [rdx], 0") in text
@@ -104,28 +101,7 @@ def test_recording_prologue(nargs: int) -> None:
     insns = _disasm(counting_trampoline(AREA, 5, spec))
     text = [f"{m} {o}".strip() for _, m, o in insns]
     by_addr = {a: f"{m} {o}".strip() for a, m, o in insns}
-    assert text[0] == "lea rsp, [rsp - 0x80]"
-    assert text[1:9] == [
-        "pushfq",
-        "push rax",
-        "push rcx",
-        "push rdx",
-        "push r8",
-        "push r9",
-        "push rdi",
-        "push r10",
-    ]
-    assert text[-9:] == [
-        "pop r10",
-        "pop rdi",
-        "pop r9",
-        "pop r8",
-        "pop rdx",
-        "pop rcx",
-        "pop rax",
-        "popfq",
-        "lea rsp, [rsp + 0x80]",
-    ]
+    _check_frame(text, ["rax", "rcx", "rdx", "r8", "r9", "rdi", "r10"])
     # The ring protocol of pmu/ring.py: tail read before head, full check, CAS, commit last.
     at = text.index(f"movabs rdi, {RING:#x}")
     assert text.index("rdtsc") < at  # time taken before reserving
