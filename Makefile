@@ -45,6 +45,9 @@ demo: $(STAMP) $(DEMO)/hot
 	@echo "== pmu stat: sqlite3_step in the sqlite3 shell, CSV as perf stat -x,"
 	$(VENV)/bin/pmu stat -x, -e uprobe:libsqlite3:sqlite3_step -- sqlite3 :memory: \
 	  'create table t(x); insert into t values (1),(2),(3); select * from t;'
+	@echo "== pmu record: every hit, recorded inside the process, to Parquet; then pmu report"
+	$(VENV)/bin/pmu record -v --args 1 -o $(DEMO)/hot.parquet -e uprobe:$(DEMO)/hot:work -- $(DEMO)/hot 100000
+	$(VENV)/bin/pmu report -i $(DEMO)/hot.parquet
 	@echo "== pmu list: probeable functions"
 	$(VENV)/bin/pmu list $(DEMO)/hot 'work*'
 
