@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pmu import environ
 from pmu.errors import FileError, ProcessError, UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Counts, Event
@@ -336,7 +337,7 @@ class Evlist:
             signal.SIGINT: signal.SIG_IGN if sigint == signal.SIG_IGN else signal.SIG_DFL,
         }
         with _signals(signal.SIG_IGN, (signal.SIGINT,)), self._ticking():
-            task = self.tracer.launch(argv, exe, child_signals)
+            task = self.tracer.launch(argv, exe, child_signals, environ.for_commands())
             try:
                 for evsel in self.evsels:
                     evsel.events.append(self.sched.open(evsel.attr, task))
@@ -386,7 +387,7 @@ class Evlist:
                 for pid, _ in targets:
                     self.tracer.start(self.tracer.tasks[pid])
                 if argv:
-                    child = subprocess.Popen(list(argv))
+                    child = subprocess.Popen(list(argv), env=environ.for_commands())
                     self.tracer.watch(child.pid)
                 self.tracer.run()
                 if argv and self.tracer.watched_status is None and not interrupted:

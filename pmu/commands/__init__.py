@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from pmu import environ
 from pmu.errors import PmuError
 
 _SUBCOMMANDS = ("stat", "record", "list", "report")
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `pmu ARGV`; return the exit status. PmuErrors become one line on stderr."""
+    environ.set_own()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -110,12 +110,17 @@ class Tracer:
     # ---- starting -------------------------------------------------------------------------------
 
     def launch(
-        self, argv: Sequence[str], exe: str, child_signals: Mapping[int, signal.Handlers] | None = None
+        self,
+        argv: Sequence[str],
+        exe: str,
+        child_signals: Mapping[int, signal.Handlers] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Task:
         """Fork a child that waits on a pipe, seize it, then let it exec `exe` with `argv`.
 
         `child_signals` are the dispositions the command starts with (by default SIGPIPE and SIGXFSZ,
-        which Python ignores, go back to SIG_DFL, as any shell would give them).
+        which Python ignores, go back to SIG_DFL, as any shell would give them); `env` its environment
+        (by default pmu's).
 
         The child is stopped at its exec event when this returns, nothing of the command has run.
         """
@@ -130,7 +135,7 @@ class Tracer:
                 os.close(rfd)
                 for signum, handler in child_signals.items():
                     signal.signal(signum, handler)
-                os.execv(exe, list(argv))
+                os.execve(exe, list(argv), os.environ if env is None else env)
             except BaseException:
                 pass
             os._exit(127)

@@ -90,3 +90,17 @@ def test_text_output_like_perf(build):
     assert re.search(r"^\s+12,345\s+uprobe:work\s*$", r.stderr, re.M), r.stderr
     assert re.search(r"seconds time elapsed", r.stderr)
     assert "Traceback" not in r.stderr
+
+
+def test_the_command_gets_the_environment_unchanged(tmp_path):
+    """pmu limits numpy's BLAS threads in its own process; the command it runs must not see that."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    env["PMU_TEST_MARK"] = "1"
+    plain = subprocess.run(["/usr/bin/env"], capture_output=True, text=True, env=env)
+    r = run_pmu("stat", "-x,", "-e", "uprobe:libc:getenv", "--", "/usr/bin/env", env=env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == sorted(plain.stdout.splitlines())
+    assert "OPENBLAS_NUM_THREADS" not in r.stdout and "PMU_TEST_MARK=1" in r.stdout
