@@ -68,8 +68,8 @@ class _Site:
     """The breakpoint consumer made for each address (the same object is given back on removal)."""
     optimize: bool = False
     """Try jump patches; addresses that refuse fall back to int3."""
-    record: tuple[int, int] | None = None
-    """(event index, args) when the site's trampolines also record every hit into the process's ring."""
+    record: tuple[int, int, int] | None = None
+    """(event index, args, period) when the site's trampolines also record hits into the process's ring."""
     plain: str | None = None
     """Why the site was not even tried with a jump patch although optimization is on."""
     jumps: dict[int, JumpPatch] = field(default_factory=dict)
@@ -156,14 +156,14 @@ class UprobePmu:
             site.plain = "return probes use int3"
         elif period and self.ring is None:
             site.plain = "sampling without a ring"
-        elif period > 1:
-            site.plain = "-c PERIOD uses int3"
+        elif period >= 1 << 32:
+            site.plain = "a period of 2**32 or more uses int3"
         elif period and self._events_on(probe) > 1:
             site.plain = "several events record this probe"
         else:
             site.optimize = True
             if period:
-                site.record = (self.index_of.get(event.attr, 0), event.attr.sample_args)
+                site.record = (self.index_of.get(event.attr, 0), event.attr.sample_args, period)
         return site
 
     def _events_on(self, probe: ResolvedProbe) -> int:

@@ -620,10 +620,10 @@ class Tracer:
         return result
 
     def jump_patch(
-        self, mm: AddressSpace, addr: int, plan: PatchPlan, record: tuple[int, int] | None = None
+        self, mm: AddressSpace, addr: int, plan: PatchPlan, record: tuple[int, int, int] | None = None
     ) -> JumpPatch:
         """Replace the instructions `plan` displaces at addr by a jump to a counting trampoline (which
-        also records each hit into mm's ring with `record` = (event index, number of args)).
+        also records hits into mm's ring with `record` = (event index, number of args, period)).
 
         Every thread is stopped; one whose RIP lies inside the displaced instructions is moved to the
         matching instruction of the trampoline. An existing patch at addr (a forked child's copy) is
@@ -639,7 +639,8 @@ class Tracer:
         area = self.counters(mm, addr)
         spec = None
         if record is not None:
-            spec = trampoline.RecordSpec(self.tracee_ring(mm, addr).address, record[0], addr, record[1])
+            ring = self.tracee_ring(mm, addr).address
+            spec = trampoline.RecordSpec(ring, record[0], addr, record[1], record[2])
         column = mm.columns
         if column >= trampoline.NSITES:
             raise RelocationError(f"more than {trampoline.NSITES} optimized probes in one process")

@@ -21,7 +21,8 @@ to a ring mapped shared into the process (pmu/ring.py: the layout and the CAS pr
 step): time = raw TSC (`rdtsc`, read before reserving), thread = FS base (`rdfsbase`), pid from the counter
 area, the event index and probed address baked in, the first N argument registers as they were at the
 probe (read back from where the prologue saved them), retval 0, latency -1, flags 0. A full ring counts
-the hit lost (lost_total and lost[event]) and the program goes on: producers never wait.
+the hit lost (lost_total and lost[event]) and the program goes on: producers never wait. With a period
+(perf's -c), only hits whose per-thread count at the site is a multiple of it are recorded.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class RecordSpec:
     """The probed address."""
     nargs: int = 0
     """Argument registers to record (rdi, rsi, rdx, rcx, r8, r9 in that order); the rest are 0."""
+    period: int = 1
+    """Record a hit only when the thread's count at this site is a multiple of it (perf's -c)."""
 
 
 # Where the prologue of a recording trampoline saved each argument register, from RSP after its pushes
@@ -132,6 +135,8 @@ def counting_trampoline(area: int, site: int, record: RecordSpec | None = None) 
         raise ValueError(f"site column {site} out of range")
     if record is not None and not 0 <= record.nargs <= len(_ARG_SAVED):
         raise ValueError(f"at most {len(_ARG_SAVED)} argument registers, not {record.nargs}")
+    if record is not None and not 1 <= record.period < 1 << 32:
+        raise ValueError(f"period {record.period} out of range")
     saves: list[_Insn] = [
         ("", b"\x48\x8d\x64\x24\x80", None),  # lea rsp, [rsp-0x80]     step over the red zone
         ("", b"\x9c", None),  # pushfq
@@ -186,10 +191,17 @@ def counting_trampoline(area: int, site: int, record: RecordSpec | None = None) 
         ("", b"\x41\xff\xc8", None),  # dec r8d
         ("", b"\x75", "loop"),  # jne loop
         ("miss", b"\xf0\x48\xff\x82" + _u32(MISS + 8 * site), None),  # lock inc qword [rdx+MISS+8*site]
+    ]
+    sampled = record is not None and record.period > 1
+    if sampled:  # the count the period applies to: the misses' (shared) here, the thread's below
+        count.append(("", b"\x48\x8b\x82" + _u32(MISS + 8 * site), None))  # mov rax, [rdx+MISS+8*site]
+    count += [
         ("", b"\xeb", "done" if record is None else "record"),  # jmp done (or record)
         ("found", b"\x48\xc1\xe1" + bytes([ROW_SHIFT]), None),  # shl rcx, ROW_SHIFT
         ("", b"\x48\xff\x84\x0a" + _u32(ROWS + 8 * site), None),  # inc qword [rdx+rcx+ROWS+8*site]
     ]
+    if sampled:
+        count.append(("", b"\x48\x8b\x84\x0a" + _u32(ROWS + 8 * site), None))  # mov rax, [rdx+rcx+ROWS+8*s]
     return _assemble(saves + count + (_recording(record) if record else []) + restores)
 
 
@@ -207,8 +219,18 @@ def _recording(spec: RecordSpec) -> list[_Insn]:
         ("", b"\x48\x89\x48" + bytes([0x28 + 8 * i]), None)  # mov [rax+args[i]], rcx (0)
         for i in range(spec.nargs, len(_ARG_SAVED))
     ]
+    period: list[_Insn] = []
+    if spec.period > 1:
+        period = [
+            ("", b"\x31\xd2", None),  # xor edx, edx              rdx:rax = the count
+            ("", b"\xb9" + _u32(spec.period), None),  # mov ecx, PERIOD
+            ("", b"\x48\xf7\xf1", None),  # div rcx                  rdx = count % PERIOD
+            ("", b"\x48\x85\xd2", None),  # test rdx, rdx
+            ("", b"\x75", "done"),  # jne done                  not this one
+        ]
     return [
         ("record", b"\x44\x8b\x82" + _u32(PID), None),  # mov r8d, [rdx+PID]       pid
+        *period,
         ("", b"\xf3\x49\x0f\xae\xc1", None),  # rdfsbase r9               thread
         ("", b"\x0f\x31", None),  # rdtsc                     time, before reserving
         ("", b"\x48\xc1\xe2\x20", None),  # shl rdx, 32

@@ -104,3 +104,18 @@ def test_pmu_killed_while_recording_leaves_the_target_running(build, tmp_path):
     finally:
         if spin.poll() is None:
             spin.kill()
+
+
+def test_period_records_every_nth_hit_of_each_thread(build, tmp_path):
+    """-c 7 in the trampoline: each thread's 7th, 14th, ... call, as the int3 engine samples."""
+    r, out = _record(
+        tmp_path, "-c", "7", "--args", "1", "-e", "uprobe:work", "--", build("recpath"), "seq", "3", "2000"
+    )
+    calls = {int(t): int(c) for t, c in re.findall(r"tid=(\d+) calls=(\d+)", r.stdout)}
+    df = pq.read_table(out).to_pandas()
+    assert df.groupby("tid").size().to_dict() == {t: c // 7 for t, c in calls.items()}
+    for _, rows in df.groupby("tid"):
+        assert list(rows["arg0"]) == list(range(6, 2000, 7))  # work(i) for the 7th, 14th, ... call
+    meta = _meta(out)
+    assert json.loads(meta["pmu.hits_per_event"]) == {"uprobe:work": 6000}
+    assert meta["pmu.lost"] == "0" and meta["pmu.sample_period"] == "7"

@@ -135,7 +135,7 @@ class _Machine:
     FS = 0x7F12_0000_0040
     REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9", "rax", "rbx", "r10", "r11", "rbp")
 
-    def __init__(self, ring: Ring, nargs: int, enabled: bool = True) -> None:
+    def __init__(self, ring: Ring, nargs: int, enabled: bool = True, period: int = 1) -> None:
         self.ring = ring
         self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         self.uc.mem_map(AREA, trampoline.AREA_BYTES)
@@ -145,7 +145,9 @@ class _Machine:
         self.uc.mem_write(AREA + ENABLED + 5, b"\x01" if enabled else b"\x00")
         self.uc.mem_write(AREA + PID, (4242).to_bytes(4, "little"))
         self.uc.mem_write(RING, os.pread(ring.fd, ring.size, 0))
-        code = counting_trampoline(AREA, 5, RecordSpec(RING, 1, IP, nargs)) + b"\xf4"  # hlt at the end
+        code = (
+            counting_trampoline(AREA, 5, RecordSpec(RING, 1, IP, nargs, period)) + b"\xf4"
+        )  # hlt at the end
         self.end = self.CODE + len(code) - 1
         self.uc.mem_write(self.CODE, code)
         self.uc.reg_write(uc_x86.UC_X86_REG_FS_BASE, self.FS)
@@ -205,3 +207,24 @@ def test_disabled_recording_trampoline_does_nothing() -> None:
         m = _Machine(ring, 6, enabled=False)
         m.run()
         assert len(ring.drain()) == 0 and ring.lost_total == 0
+
+
+def test_recording_with_a_period_records_every_nth_hit() -> None:
+    """perf's -c: a record when the thread's count at the site is a multiple of the period."""
+    with Ring.create(1, 2, clock=ClockKind.TSC, thread=ThreadKind.FS_BASE) as ring:
+        m = _Machine(ring, 1, period=3)
+        for _ in range(8):
+            m.run()
+        assert m.row() == 8  # every hit counted
+        assert len(ring.drain()) == 2 and ring.lost_total == 0  # hits 3 and 6
+
+
+def test_period_frame_and_range() -> None:
+    text = [
+        f"{m} {o}".strip() for _, m, o in _disasm(counting_trampoline(AREA, 1, RecordSpec(RING, 0, IP, 0, 7)))
+    ]
+    at = text.index("div rcx")
+    assert text[at - 2 : at + 3] == ["xor edx, edx", "mov ecx, 7", "div rcx", "test rdx, rdx", text[at + 2]]
+    assert text[at + 2].startswith("jne ")
+    with pytest.raises(ValueError):
+        counting_trampoline(AREA, 1, RecordSpec(RING, 0, IP, 0, 0))
