@@ -119,3 +119,14 @@ def test_period_records_every_nth_hit_of_each_thread(build, tmp_path):
     meta = _meta(out)
     assert json.loads(meta["pmu.hits_per_event"]) == {"uprobe:work": 6000}
     assert meta["pmu.lost"] == "0" and meta["pmu.sample_period"] == "7"
+
+
+def test_exec_gives_the_new_image_a_ring_of_its_own(build, tmp_path):
+    """The program calls work 100 times, then three children (fork, vfork, fork) exec it as a leaf that
+    calls work 200 times: each image records into a ring of its own, every row has its process."""
+    r, out = _record(tmp_path, "-e", "uprobe:work", "--", build("recpath"), "exec", "100", "200")
+    assert r.stdout == "done\n"
+    df = pq.read_table(out).to_pandas()
+    assert sorted(df.groupby("pid").size().tolist()) == [100, 200, 200, 200]
+    assert (df["pid"] == df["tid"]).all()
+    assert json.loads(_meta(out)["pmu.hits_per_event"]) == {"uprobe:work": 700}

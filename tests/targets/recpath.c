@@ -2,7 +2,9 @@
    stamp N      : N calls, each between two CLOCK_MONOTONIC readings: "stamp I BEFORE AFTER"
    seq T K      : T threads one after another (glibc reuses the stack and TLS): "tid=TID calls=K"
    fork K M     : K calls, then a forked child makes M calls: "pid=PID calls=N" for both
-   vfork K M    : K calls, then a vfork child makes M calls before _exit: "pid=PID calls=N" for both */
+   vfork K M    : K calls, then a vfork child makes M calls before _exit: "pid=PID calls=N" for both
+   exec K M     : K calls, then three children (fork, vfork, fork) each exec this program as "leaf M"
+   leaf M       : M calls */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdio.h>
@@ -50,6 +52,23 @@ int main(int argc, char **argv) {
             pthread_create(&t, NULL, thread, NULL);
             pthread_join(t, NULL);
         }
+    } else if (strcmp(mode, "leaf") == 0) {
+        calls(a);
+    } else if (strcmp(mode, "exec") == 0) {
+        calls(a);
+        char m[32];
+        snprintf(m, sizeof m, "%ld", b);
+        for (int c = 0; c < 3; c++) {
+            pid_t pid = c == 1 ? vfork() : fork();
+            if (pid == 0) {
+                execl("/proc/self/exe", argv[0], "leaf", m, (char *)NULL);
+                _exit(127);
+            }
+            int st;
+            waitpid(pid, &st, 0);
+            if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) { printf("child failed\n"); return 1; }
+        }
+        printf("done\n");
     } else {
         int use_vfork = strcmp(mode, "vfork") == 0;
         calls(a);
