@@ -108,6 +108,10 @@ class Evlist:
         """With -t: {pid: the only threads of it whose records are kept} (trampolines record every thread)."""
         self._vfork_parents: dict[int, tuple[Task, int]] = {}
         self._calibrated = 0.0
+        self._lost_closed: dict[int, int] = {}
+        self._trampolines = False
+        """Some records came from trampolines (their times are calibrated TSC)."""
+        self._lost_closed_total = 0
         self.nargs = 0
         """Argument columns the records have."""
         self._words = np.empty((0, 5), np.uint64)
@@ -130,8 +134,8 @@ class Evlist:
 
     @property
     def rings(self) -> list[Ring]:
-        """Every ring records go through: pmu's own (int3 probes) and those in traced processes."""
-        return ([self.ring] if self.ring is not None else []) + self.tracer.rings
+        """Every open ring records go through: pmu's own (int3 probes) and those in traced processes."""
+        return ([self.ring] if self.ring is not None else []) + self.tracer.rings + self.tracer.retired
 
     def drain(self, final: bool = False) -> None:
         """Move what the rings hold to the sink (final: no producer is left, take everything).
@@ -149,11 +153,15 @@ class Evlist:
                 if len(records):
                     batches.append(Hits.of_records(records, MAX_ARGS))
             full = False
-            if self.tracer.rings and self.clock is not None:
+            if (self.tracer.rings or self.tracer.retired) and self.clock is not None:
+                self._trampolines = True
                 now = time.monotonic()
                 if final or now - self._calibrated >= CALIBRATE_EVERY:
                     self.clock.add()
                     self._calibrated = now
+                self._put(batches)
+                batches = []
+                self._close_retired()
                 for ring in self.tracer.rings:
                     while True:
                         words = ring.take(DRAIN_CHUNK, 5 + self.nargs, self._words)
@@ -228,8 +236,8 @@ class Evlist:
         self._sink(batches[0] if len(batches) == 1 else Hits.merged(batches))
 
     def lost_per_event(self) -> dict[int, int]:
-        """{event index: records lost because a ring was full}, over every ring."""
-        out: dict[int, int] = {}
+        """{event index: records lost because a ring was full}, over every ring (closed ones too)."""
+        out = dict(self._lost_closed)
         for ring in self.rings:
             for e, n in ring.lost_per_event().items():
                 out[e] = out.get(e, 0) + n
@@ -237,12 +245,24 @@ class Evlist:
 
     @property
     def lost_total(self) -> int:
-        return sum(ring.lost_total for ring in self.rings)
+        return self._lost_closed_total + sum(ring.lost_total for ring in self.rings)
+
+    def _close_retired(self) -> None:
+        """Drain the rings no process maps any more to the end, keep their lost counts, close them."""
+        while self.tracer.retired:
+            ring = self.tracer.retired[0]
+            while len(records := ring.drain(DRAIN_CHUNK * DRAIN_BUDGET, final=True)):
+                self._put([self._named(records)])
+            for e, n in ring.lost_per_event().items():
+                self._lost_closed[e] = self._lost_closed.get(e, 0) + n
+            self._lost_closed_total += ring.lost_total
+            self.tracer.retired.pop(0)
+            ring.close()
 
     def clock_error_ns(self) -> int:
         """The stated error of time_ns: the TSC calibration's if trampolines recorded, else 0 (int3 probes
         read CLOCK_MONOTONIC themselves)."""
-        return self.clock.error_ns() if self.clock is not None and self.tracer.rings else 0
+        return self.clock.error_ns() if self.clock is not None and self._trampolines else 0
 
     def close_rings(self) -> None:
         """Unmap every ring (after the final drain)."""

@@ -147,6 +147,8 @@ class TraceeRing:
     ring: Ring
     address: int
     size: int
+    users: int = 1
+    """Live address spaces that map it (the one that made it, and its forked children)."""
 
 
 @dataclass

@@ -99,7 +99,9 @@ class Tracer:
         self.ring_shape: tuple[int, int] | None = None
         """(pages, event indexes) of the rings recording trampolines write into; None when not recording."""
         self.rings: list[Ring] = []
-        """Every ring made in a traced process (pmu keeps its mapping after the process is gone)."""
+        """The rings made in traced processes that some live process still maps."""
+        self.retired: list[Ring] = []
+        """Rings no process maps any more, to be drained to the end and closed by the consumer."""
         self.on_fs_base: Callable[[Task], None] | None = None
         """Called when a thread's FS base is seen to change (how recording trampolines name threads)."""
         self._stopping: dict[AddressSpace, int] = {}
@@ -398,6 +400,8 @@ class Tracer:
             }
             mm.counters = parent.mm.counters  # until the child gets its own, below
             mm.ring = parent.mm.ring  # shared with the parent: records carry the child's own pid
+            if mm.ring is not None:
+                mm.ring.users += 1
             mm.columns = parent.mm.columns
             for addr in mm.internal:
                 mm.breakpoints[addr].consumers.append(self._rtld_hit)
@@ -419,7 +423,9 @@ class Tracer:
                 self._unhijack(child)
                 child.detach_on_stop = True
                 mm.counters = None
-                mm.ring = None
+                if mm.ring is not None:
+                    mm.ring.users -= 1
+                    mm.ring = None
             elif mm.counters is not None:
                 with contextlib.suppress(TraceError, OSError, pt.PtraceError):
                     # If it fails, the child keeps counting in its parent's area: totals stay right.
@@ -483,7 +489,7 @@ class Tracer:
         old = task.mm
         old.tasks.discard(task)
         if not old.tasks:
-            old.dead = True
+            self._mm_dead(old)
             old.close()
         task.pid = task.tid
         task.shadow.clear()
@@ -505,8 +511,20 @@ class Tracer:
             del self.tasks[task.tid]
         task.mm.tasks.discard(task)
         if not task.mm.tasks:
-            task.mm.dead = True
+            self._mm_dead(task.mm)
             task.mm.close()
+
+    def _mm_dead(self, mm: AddressSpace) -> None:
+        """mm has no task left: a ring nobody maps any more is retired (drained to the end, then closed by
+        the consumer), so that a run that execs thousands of programs does not keep thousands of rings."""
+        mm.dead = True
+        shared = mm.ring
+        mm.ring = None
+        if shared is not None:
+            shared.users -= 1
+            if shared.users <= 0 and shared.ring in self.rings:
+                self.rings.remove(shared.ring)
+                self.retired.append(shared.ring)
 
     # ---- the dynamic linker rendezvous ----------------------------------------------------------
 

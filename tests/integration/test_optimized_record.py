@@ -130,3 +130,31 @@ def test_exec_gives_the_new_image_a_ring_of_its_own(build, tmp_path):
     assert sorted(df.groupby("pid").size().tolist()) == [100, 200, 200, 200]
     assert (df["pid"] == df["tid"]).all()
     assert json.loads(_meta(out)["pmu.hits_per_event"]) == {"uprobe:work": 700}
+
+
+def test_rings_of_finished_processes_are_drained_and_closed(build):
+    """A run that execs many programs must not keep a ring per program: a ring nobody maps any more is
+    drained to the end and closed while the run goes on."""
+    from pmu.events.attr import EventAttr
+    from pmu.events.spec import parse_event
+    from pmu.evlist import Evlist
+    from pmu.ring import Ring
+
+    recpath = str(build("recpath"))
+    attr = EventAttr(
+        probe=parse_event(f"uprobe:{recpath}:work"), disabled=True, enable_on_exec=True, sample_period=1
+    )
+    evlist = Evlist([attr])
+    pids: list[int] = []
+    def sink(hits) -> None:
+        pids.extend(int(p) for p in hits.pid)
+
+    ring = Ring.create(64, 1)
+    evlist.record_into(ring, sink)
+    result = evlist.run_command([recpath, "exec", "100", "200"])
+    assert result.status == 0
+    assert evlist.tracer.rings == [] and evlist.tracer.retired == []  # all four rings closed
+    counts = sorted({p: pids.count(p) for p in set(pids)}.values())
+    assert counts == [100, 200, 200, 200]
+    assert evlist.lost_total == 0
+    evlist.close_rings()
