@@ -163,18 +163,7 @@ class Evlist:
                 batches = []
                 self._close_retired()
                 for ring in self.tracer.rings:
-                    while True:
-                        words = ring.take(DRAIN_CHUNK, 5 + self.nargs, self._words)
-                        taken = len(words)
-                        if taken:
-                            batches.append(self._named_words(words))
-                        self._put(batches)
-                        batches = []
-                        if taken < DRAIN_CHUNK or not final:
-                            break
-                    full = full or taken == DRAIN_CHUNK
-                    if final and len(records := ring.drain(final=True)):  # after abandoned records
-                        batches.append(self._named(records))
+                    full = self._drain_ring(ring, final) or full
             self._put(batches)
             if not full:
                 return
@@ -247,12 +236,24 @@ class Evlist:
     def lost_total(self) -> int:
         return self._lost_closed_total + sum(ring.lost_total for ring in self.rings)
 
+    def _drain_ring(self, ring: Ring, final: bool) -> bool:
+        """One chunk of a trampoline ring to the sink (final: all of it, abandoned records skipped);
+        True if the chunk came full (more is likely waiting)."""
+        while True:
+            words = ring.take(DRAIN_CHUNK, 5 + self.nargs, self._words)
+            if len(words):
+                self._put([self._named_words(words)])
+            if len(words) < DRAIN_CHUNK or not final:
+                break
+        if final and len(records := ring.drain(final=True)):  # after an abandoned record
+            self._put([self._named(records)])
+        return len(words) == DRAIN_CHUNK
+
     def _close_retired(self) -> None:
         """Drain the rings no process maps any more to the end, keep their lost counts, close them."""
         while self.tracer.retired:
             ring = self.tracer.retired[0]
-            while len(records := ring.drain(DRAIN_CHUNK * DRAIN_BUDGET, final=True)):
-                self._put([self._named(records)])
+            self._drain_ring(ring, final=True)
             for e, n in ring.lost_per_event().items():
                 self._lost_closed[e] = self._lost_closed.get(e, 0) + n
             self._lost_closed_total += ring.lost_total

@@ -645,9 +645,9 @@ class Ring:
         """Copy out the first `words` 8-byte words (seq, time, thread, pid|event<<32, ip, args...) of each
         committed record from tail on (at most `limit`), as a (k, words) array, and free them.
 
-        For a consumer that needs a few fields of many records: the commit words are read first (one
-        strided pass that also brings each record's first line into the cache), then only the words
-        asked for are copied, from the cache; a record is never read before its commit word. `out`, a
+        For a consumer that needs a few fields of many records: one pass copies the words asked for,
+        each record's from its commit word up (numpy copies a row with one memmove, whose loads start
+        at the row's first bytes), then the copied commit words decide how many are whole. `out`, a
         C-contiguous (rows, words) array to reuse, bounds the count too, and the result is a view of it.
         """
         if self._closed:
@@ -665,17 +665,15 @@ class Ring:
             return np.empty((0, words), np.uint64)
         start = t & self._mask
         n1 = min(n, self._capacity - start)
-        seq = np.empty(n, np.uint64)
-        seq[:n1] = self._seq[start : start + n1]
-        seq[n1:] = self._seq[: n - n1]
-        ok = seq == np.arange(t + 1, t + 1 + n, dtype=np.uint64)
+        # Each record's words are copied in address order, its commit word first: on x86 (TSO) a load
+        # never passes an earlier load, so words copied after a commit word that reads i + 1 are whole.
+        result = np.empty((n, words), np.uint64) if out is None else out[:n]
+        result[:n1] = self._lines[start : start + n1, :words]
+        result[n1:] = self._lines[: n - n1, :words]
+        ok = result[:, 0] == np.arange(t + 1, t + 1 + n, dtype=np.uint64)
         k = n if ok.all() else int(np.argmin(ok))
-        k1 = min(k, n1)
-        result = np.empty((k, words), np.uint64) if out is None else out[:k]
-        result[:k1] = self._lines[start : start + k1, :words]
-        result[k1:] = self._lines[: k - k1, :words]
         w[_TAIL_W] = t + k
-        return result
+        return result[:k]
 
     @property
     def pending(self) -> int:
