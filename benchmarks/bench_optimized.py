@@ -526,7 +526,7 @@ def section(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", "-r", type=int, default=5, help="runs per size; the median is used")
+    parser.add_argument("--repeat", "-r", type=int, default=9, help="runs per size; the median is used")
     parser.add_argument("--quick", action="store_true", help="run sizes / 4, for a fast look")
     parser.add_argument(
         "--results", type=Path, help=f"replace (or append) the {SECTION!r} section of this file"
