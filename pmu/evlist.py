@@ -47,7 +47,6 @@ DRAIN_BUDGET = 16
 """Chunks per drain call before the tracer gets to answer stops again."""
 CALIBRATE_EVERY = 0.1
 """Seconds between TSC calibration samples while recording (and one at the end)."""
-"""Chunks per drain call before the tracer gets to answer stops again."""
 
 
 @dataclass(frozen=True)
@@ -140,70 +139,62 @@ class Evlist:
     def drain(self, final: bool = False) -> None:
         """Move what the rings hold to the sink (final: no producer is left, take everything).
 
-        Records of trampolines get their TSC converted to CLOCK_MONOTONIC ns and their FS base to a TID;
-        when several rings gave records, the batch is put in time order. They are taken DRAIN_CHUNK at a
-        time, only the words the file needs (ring.take); a drain stops after DRAIN_BUDGET chunks (and asks
-        the tracer to call again soon) so that the tracer keeps answering stops while a busy ring empties."""
+        pmu's own ring goes first, whole. Records of trampolines then get their TSC converted to
+        CLOCK_MONOTONIC ns and their FS base to a TID, DRAIN_CHUNK at a time and only the words the file
+        needs (ring.take); a drain stops after DRAIN_BUDGET chunks a ring (and asks the tracer to call
+        again soon) so that the tracer keeps answering stops while a busy ring empties. The file holds
+        the records in the order the rings gave them."""
         if self._sink is None:
             return
+        if self.ring is not None:
+            records = self.ring.drain(final=final)
+            if len(records):
+                self._sink(Hits.of_records(records, MAX_ARGS))
+        if self.clock is None or not (self.tracer.rings or self.tracer.retired):
+            return
+        self._trampolines = True
+        now = time.monotonic()
+        if final or now - self._calibrated >= CALIBRATE_EVERY:
+            self.clock.add()
+            self._calibrated = now
+        self._close_retired()
         for _ in range(1 if final else DRAIN_BUDGET):
-            batches: list[Hits] = []
-            if self.ring is not None:
-                records = self.ring.drain(final=final)
-                if len(records):
-                    batches.append(Hits.of_records(records, MAX_ARGS))
             full = False
-            if (self.tracer.rings or self.tracer.retired) and self.clock is not None:
-                self._trampolines = True
-                now = time.monotonic()
-                if final or now - self._calibrated >= CALIBRATE_EVERY:
-                    self.clock.add()
-                    self._calibrated = now
-                self._put(batches)
-                batches = []
-                self._close_retired()
-                for ring in self.tracer.rings:
-                    full = self._drain_ring(ring, final) or full
-            self._put(batches)
+            for ring in self.tracer.rings:
+                full = self._drain_ring(ring, final) or full
             if not full:
                 return
         self.tracer.tick_due = True  # more is waiting: come back once stops are answered
 
     def _named_words(self, words: np.ndarray) -> Hits:
-        """Trampoline records given as their first words (ring.take): as `_named`."""
-        tsc = words[:, 1].view(np.int64)
+        """Trampoline records given as their first words (ring.take), as hits."""
         halves = words.view(np.int32)  # word 3 is pid (low half) and event (high half)
-        pid, tid = self.names.columns(halves[:, 6], words[:, 2], tsc)
-        return self._filtered(
-            Hits(
-                self.clock.to_ns(tsc) if self.clock is not None else tsc,
-                pid,
-                tid,
-                halves[:, 7],
-                words[:, 4],
-                tuple(words[:, 5 + i] for i in range(self.nargs)),
-            )
+        args = tuple(words[:, 5 + i] for i in range(self.nargs))
+        return self._hits(
+            words[:, 1].view(np.int64), halves[:, 6], words[:, 2], halves[:, 7], words[:, 4], args
         )
 
     def _named(self, records: np.ndarray) -> Hits:
-        """Trampoline records as hits: time in CLOCK_MONOTONIC ns, thread a TID, -t filtered."""
-        assert self.clock is not None
-        tsc = records["time"]
-        pid, tid = self.names.columns(records["pid"], records["thread"], tsc)
-        args = records["args"]
-        return self._filtered(
-            Hits(
-                self.clock.to_ns(tsc),
-                pid,
-                tid,
-                records["event"],
-                records["ip"],
-                tuple(args[:, i] for i in range(self.nargs)),
-            )
+        """Whole trampoline records (Ring.drain), as hits."""
+        args = tuple(records["args"][:, i] for i in range(self.nargs))
+        return self._hits(
+            records["time"], records["pid"], records["thread"], records["event"], records["ip"], args
         )
 
-    def _filtered(self, hits: Hits) -> Hits:
-        """Without the hits of threads -t left out."""
+    def _hits(
+        self,
+        tsc: np.ndarray,
+        key_pid: np.ndarray,
+        fs_base: np.ndarray,
+        event: np.ndarray,
+        ip: np.ndarray,
+        args: tuple[np.ndarray, ...],
+    ) -> Hits:
+        """Columns of trampoline records as hits: time in CLOCK_MONOTONIC ns, thread a TID, and without
+        the threads -t leaves out."""
+        assert self.clock is not None
+        pid, tid = self.names.columns(key_pid, fs_base, tsc)
+        hits = Hits(self.clock.to_ns(tsc), pid, tid, event, ip, args)
         for p, tids in self.only_tids.items():
             other = (hits.pid == p) & ~np.isin(hits.tid, list(tids))
             if other.any():
@@ -217,12 +208,6 @@ class Evlist:
                     tuple(a[keep] for a in hits.args),
                 )
         return hits
-
-    def _put(self, batches: list[Hits]) -> None:
-        assert self._sink is not None
-        if not batches:
-            return
-        self._sink(batches[0] if len(batches) == 1 else Hits.merged(batches))
 
     def lost_per_event(self) -> dict[int, int]:
         """{event index: records lost because a ring was full}, over every ring (closed ones too)."""
@@ -239,14 +224,16 @@ class Evlist:
     def _drain_ring(self, ring: Ring, final: bool) -> bool:
         """One chunk of a trampoline ring to the sink (final: all of it, abandoned records skipped);
         True if the chunk came full (more is likely waiting)."""
+        sink = self._sink
+        assert sink is not None
         while True:
             words = ring.take(DRAIN_CHUNK, 5 + self.nargs, self._words)
             if len(words):
-                self._put([self._named_words(words)])
+                sink(self._named_words(words))
             if len(words) < DRAIN_CHUNK or not final:
                 break
         if final and len(records := ring.drain(final=True)):  # after an abandoned record
-            self._put([self._named(records)])
+            sink(self._named(records))
         return len(words) == DRAIN_CHUNK
 
     def _close_retired(self) -> None:

@@ -3,7 +3,6 @@ that importing it costs nothing when only counting)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -57,43 +56,4 @@ class Hits:
             view["retval"],
             view["latency_ns"],
             view["flags"],
-        )
-
-    @classmethod
-    def merged(cls, batches: Sequence[Hits]) -> Hits:
-        """One batch of all, in time order (stable: a thread's own order is kept)."""
-        order = np.argsort(np.concatenate([b.time for b in batches]), kind="stable")
-        nargs = min(len(b.args) for b in batches)
-
-        def column(get: Callable[[Hits], npt.NDArray[Any]]) -> npt.NDArray[Any]:
-            return np.concatenate([np.asarray(get(b)) for b in batches])[order]
-
-        returns = all(b.retval is not None for b in batches)
-        if not returns:
-            batches = [b if b.retval is not None else b.with_no_returns() for b in batches]
-        return cls(
-            column(lambda b: b.time),
-            column(lambda b: b.pid),
-            column(lambda b: b.tid),
-            column(lambda b: b.event),
-            column(lambda b: b.ip),
-            tuple(column(lambda b, i=i: b.args[i]) for i in range(nargs)),  # type: ignore[misc]
-            column(lambda b: b.retval),  # type: ignore[arg-type,return-value]
-            column(lambda b: b.latency_ns),  # type: ignore[arg-type,return-value]
-            column(lambda b: b.flags),  # type: ignore[arg-type,return-value]
-        )
-
-    def with_no_returns(self) -> Hits:
-        """The same hits with explicit return columns (no returns among them)."""
-        n = len(self.time)
-        return Hits(
-            self.time,
-            self.pid,
-            self.tid,
-            self.event,
-            self.ip,
-            self.args,
-            np.zeros(n, np.uint64),
-            np.full(n, -1, np.int64),
-            np.zeros(n, np.uint32),
         )

@@ -398,9 +398,8 @@ class Ring:
         "_closed",
     )
 
-    def __init__(self, fd: int, *, native: bool = True, populate: bool = False) -> None:
-        """Map the ring in memfd `fd` (taking ownership of `fd`); use `create` or `attach` instead.
-        `populate`: fault every page in now (a busy ring then costs no page fault per 32 records)."""
+    def __init__(self, fd: int, *, native: bool = True) -> None:
+        """Map the ring in memfd `fd` (taking ownership of `fd`); use `create` or `attach` instead."""
         self._closed = True
         self._fd = fd
         head = os.pread(fd, _HEADER_CONST.size, 0)
@@ -421,8 +420,7 @@ class Ring:
         self._nevents = int(nevents)
         self._clock = ClockKind(clock)
         self._thread = ThreadKind(thread)
-        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        self._mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._words = memoryview(self._mm).cast("Q")
         self._records: npt.NDArray[Any] = np.ndarray(
             (self._capacity,), RECORD_DTYPE, buffer=self._mm, offset=HEADER_SIZE
@@ -481,7 +479,6 @@ class Ring:
         *,
         clock: ClockKind = ClockKind.MONOTONIC,
         thread: ThreadKind = ThreadKind.TID,
-        populate: bool = False,
     ) -> Ring:
         """Make the empty file (a memfd) `fd` a new ring, as `create` does, and map it; the Ring takes
         ownership of `fd`. For a memfd that a traced process made (so that it may map it as any user)."""
@@ -503,7 +500,7 @@ class Ring:
             nevents,
         )
         os.pwrite(fd, consts, 0)
-        return cls(fd, populate=populate)
+        return cls(fd)
 
     @classmethod
     def attach(cls, fd: int) -> Ring:

@@ -615,9 +615,12 @@ class Tracer:
             if tfd < 0:
                 raise TraceError(f"cannot make a ring in process {mm.pid}: {os.strerror(-tfd)}")
             try:
-                ring = Ring.format(
-                    pt.fd_of(mm.pid, tfd), pages, nevents, clock=ClockKind.TSC, thread=ThreadKind.FS_BASE
-                )
+                fd = pt.fd_of(mm.pid, tfd)
+                try:
+                    ring = Ring.format(fd, pages, nevents, clock=ClockKind.TSC, thread=ThreadKind.FS_BASE)
+                except BaseException:
+                    os.close(fd)  # Ring.format owns it only once it returns
+                    raise
                 prot = inject.PROT_READ | inject.PROT_WRITE
                 # Populated now: a page fault per 32 records would more than double the cost of a hit.
                 flags = inject.MAP_SHARED | inject.MAP_POPULATE
