@@ -29,20 +29,18 @@ test: it exits 0 whatever the verdicts.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_record import Readback, counter, pmu_rows, remover, uftrace_calls
+from bench_record import Readback, base_name, counter, pmu_rows, remover, uftrace_calls
 from bench_stat import (
     CC_FLAGS,
     CC_FLAGS_FENTRY,
@@ -55,15 +53,17 @@ from bench_stat import (
     Completed,
     Row,
     Tool,
+    bench_arguments,
+    chosen,
     commands,
+    compile_hot,
     compile_target,
     csv_count,
     excess_note,
     file_offset,
     kernel_probe,
-    log,
     machine,
-    measure,
+    measure_rounds,
     overheads,
     pmu_argv,
     run,
@@ -297,30 +297,13 @@ CHECKED = {
 }
 
 
-def base_name(name: str) -> str:
-    """The tool's name without the pinning suffix."""
-    return name.split(" [cpu ", 1)[0]
-
-
 def measure_all(tools: list[Tool], paths: dict[str, str], repeat: int, back: Readback) -> list[Row]:
-    """bench_stat's measure, one repetition of every tool at a time, so that a burst of other load on the
-    machine lands on one run of each tool rather than on all runs of one."""
-    rows = [Row(t) for t in tools]
-    for rep in range(repeat):
-        log(f"repetition {rep + 1} of {repeat}:")
-        for row in rows:
-            if row.error is not None:
-                continue
-            back.current = row.tool.name
-            one = measure(row.tool, paths[row.tool.target], 1)
-            row.t1 += one.t1
-            row.t2 += one.t2
-            row.c1 += one.c1
-            row.c2 += one.c2
-            row.error = one.error
-            row.excess += one.excess
-            if one.engine and one.engine not in row.engine.split(" / "):
-                row.engine = f"{row.engine} / {one.engine}" if row.engine else one.engine
+    """bench_stat's measure_rounds, with read-backs landing in `back` and each row's check written."""
+
+    def before(tool: Tool) -> None:
+        back.current = tool.name
+
+    rows = measure_rounds(tools, paths, repeat, before)
     for row in rows:
         name = row.tool.name
         what = CHECKED.get(base_name(name)) or back.what.get(base_name(name))
@@ -525,32 +508,17 @@ def section(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", "-r", type=int, default=9, help="runs per size; the median is used")
-    parser.add_argument("--quick", action="store_true", help="run sizes / 4, for a fast look")
-    parser.add_argument(
-        "--results", type=Path, help=f"replace (or append) the {SECTION!r} section of this file"
-    )
-    parser.add_argument("--only", help="comma-separated tool names (prefixes) to run; baselines always run")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    args = bench_arguments(__doc__, SECTION, 9, False, argv)
 
     with tempfile.TemporaryDirectory(prefix="pmu-bench-optimized-") as tmpdir:
         tmp = Path(tmpdir)
-        paths = {name: str(tmp / name) for name in ("hot", "hot-fentry", "mt")}
-        compile_target(tmp / "hot", CC_FLAGS)
+        paths = compile_hot(tmp)
+        paths["mt"] = str(tmp / "mt")
         compile_target(tmp / "mt", CC_FLAGS_MT, MT_SOURCE)
-        hot_fentry: str | None = paths["hot-fentry"]
-        try:
-            compile_target(tmp / "hot-fentry", CC_FLAGS_FENTRY)
-        except subprocess.CalledProcessError:
-            hot_fentry = None
-        tools, notes, back = build_tools(paths["hot"], hot_fentry, tmp, 0.25 if args.quick else 1.0)
-        if args.only:
-            wanted = [w.strip() for w in args.only.split(",")]
-            tools = [t for t in tools if t.baseline is None or any(t.name.startswith(w) for w in wanted)]
-        rows = measure_all(tools, paths, args.repeat, back)
+        tools, notes, back = build_tools(
+            paths["hot"], paths.get("hot-fentry"), tmp, 0.25 if args.quick else 1.0
+        )
+        rows = measure_all(chosen(tools, args.only), paths, args.repeat, back)
 
     summary = summarize(rows, back.lost)
     print(table(rows, summary))

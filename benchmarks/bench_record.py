@@ -22,12 +22,10 @@ pmu / bpftrace, and exits 0.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -35,8 +33,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench_stat import (
-    CC_FLAGS,
-    CC_FLAGS_FENTRY,
     KERNEL_SLACK,
     PROBE,
     SYMBOL,
@@ -44,13 +40,14 @@ from bench_stat import (
     Completed,
     Row,
     Tool,
+    bench_arguments,
+    chosen,
     commands,
-    compile_target,
+    compile_hot,
     file_offset,
     kernel_probe,
-    log,
     machine,
-    measure,
+    measure_rounds,
     run,
     update_results,
 )
@@ -319,19 +316,12 @@ def build_tools(
 
 
 def measure_interleaved(tools: list[Tool], paths: dict[str, str], repeat: int, back: Readback) -> list[Row]:
-    """bench_stat's measure, one repetition of every tool at a time, so that a burst of other load on the
-    machine lands on one run of each tool rather than on all runs of one."""
-    rows = [Row(t) for t in tools]
-    for rep in range(repeat):
-        log(f"repetition {rep + 1} of {repeat}:")
-        for row in rows:
-            if row.error is not None:
-                continue
-            back.current = row.tool.name
-            one = measure(row.tool, paths[row.tool.target], 1)
-            row.t1 += one.t1
-            row.t2 += one.t2
-            row.error = one.error
+    """bench_stat's measure_rounds, with read-backs landing in `back` and each row's check written."""
+
+    def before(tool: Tool) -> None:
+        back.current = tool.name
+
+    rows = measure_rounds(tools, paths, repeat, before)
     for row in rows:
         what = back.what.get(base_name(row.tool.name))
         if row.error is not None or what is None:
@@ -475,37 +465,16 @@ def section(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", "-r", type=int, default=3, help="runs per size; the median is used")
-    parser.add_argument("--quick", action="store_true", help="run sizes / 4, for a fast look")
-    parser.add_argument(
-        "--results", type=Path, help=f"replace (or append) the {SECTION!r} section of this file"
-    )
-    parser.add_argument("--only", help="comma-separated tool names (prefixes) to run; baselines always run")
-    parser.add_argument("--cpu", default="0", help="CPU for the pinned rows (taskset -c CPU); default 0")
-    parser.add_argument("--no-pin", action="store_true", help="skip the pinned rows")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
-    cpu = None if args.no_pin else args.cpu
+    args = bench_arguments(__doc__, SECTION, 3, True, argv)
+    cpu = args.cpu
 
     with tempfile.TemporaryDirectory(prefix="pmu-bench-record-") as tmpdir:
         tmp = Path(tmpdir)
-        hot = tmp / "hot"
-        compile_target(hot, CC_FLAGS)
-        hot_fentry: Path | None = tmp / "hot-fentry"
-        try:
-            compile_target(tmp / "hot-fentry", CC_FLAGS_FENTRY)
-        except subprocess.CalledProcessError:
-            hot_fentry = None
-        paths = {"hot": str(hot), "hot-fentry": str(hot_fentry)}
+        paths = compile_hot(tmp)
         tools, notes, back = build_tools(
-            str(hot), None if hot_fentry is None else str(hot_fentry), tmp, 0.25 if args.quick else 1.0, cpu
+            paths["hot"], paths.get("hot-fentry"), tmp, 0.25 if args.quick else 1.0, cpu
         )
-        if args.only:
-            wanted = [w.strip() for w in args.only.split(",")]
-            tools = [t for t in tools if t.baseline is None or any(t.name.startswith(w) for w in wanted)]
-        rows = measure_interleaved(tools, paths, args.repeat, back)
+        rows = measure_interleaved(chosen(tools, args.only), paths, args.repeat, back)
 
     overhead = overheads(rows)
     print(table(rows, overhead, back))

@@ -463,6 +463,32 @@ def measure(tool: Tool, path: str, repeat: int) -> Row:
     return row
 
 
+def measure_rounds(
+    tools: list[Tool], paths: dict[str, str], repeat: int, before: Callable[[Tool], None] | None = None
+) -> list[Row]:
+    """`measure`, one repetition of every tool at a time, so that a burst of other load on the machine
+    lands on one run of each tool rather than on all runs of one. `before` is called ahead of each
+    tool's runs (to say where read-backs land). The caller writes each row's `checked`."""
+    rows = [Row(t) for t in tools]
+    for rep in range(repeat):
+        log(f"repetition {rep + 1} of {repeat}:")
+        for row in rows:
+            if row.error is not None:
+                continue
+            if before is not None:
+                before(row.tool)
+            one = measure(row.tool, paths[row.tool.target], 1)
+            row.t1 += one.t1
+            row.t2 += one.t2
+            row.c1 += one.c1
+            row.c2 += one.c2
+            row.error = one.error
+            row.excess += one.excess
+            if one.engine and one.engine not in row.engine.split(" / "):
+                row.engine = f"{row.engine} / {one.engine}" if row.engine else one.engine
+    return rows
+
+
 def excess_note(excess: int) -> str:
     """ " (N + EXCESS hits in all)" when a peer counted some calls twice (within its slack), else ""."""
     return f" but {excess} hit{'s' if excess > 1 else ''} too many in all (counted twice)" if excess else ""
@@ -754,37 +780,60 @@ def report(
 # -------------------------------------------------------------------------------------------------- main
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", "-r", type=int, default=3, help="runs per size; the median is used")
+def bench_arguments(
+    doc: str, section: str, repeat: int, pins: bool, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """The options every benchmark script takes (with --cpu/--no-pin when it has pinned rows); `cpu` is
+    then None when the pinned rows are skipped."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeat", "-r", type=int, default=repeat, help="runs per size; the median is used")
     parser.add_argument("--quick", action="store_true", help="run sizes / 4, for a fast look")
     parser.add_argument(
-        "--results", type=Path, help=f"replace (or append) the {SECTION!r} section of this Markdown file"
+        "--results", type=Path, help=f"replace (or append) the {section!r} section of this Markdown file"
     )
     parser.add_argument("--only", help="comma-separated tool names (prefixes) to run; baselines always run")
-    parser.add_argument("--cpu", default="0", help="CPU for the pinned rows (taskset -c CPU); default 0")
-    parser.add_argument("--no-pin", action="store_true", help="skip the pinned rows")
+    if pins:
+        parser.add_argument("--cpu", default="0", help="CPU for the pinned rows (taskset -c CPU); default 0")
+        parser.add_argument("--no-pin", action="store_true", help="skip the pinned rows")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    cpu = None if args.no_pin else args.cpu
+    args.cpu = None if not pins or args.no_pin else args.cpu
+    return args
+
+
+def compile_hot(tmp: Path) -> dict[str, str]:
+    """tests/targets/hot.c built in tmp as "hot" (CC_FLAGS) and, when gcc can, "hot-fentry" (the build
+    uftrace patches): {name: path}."""
+    paths = {"hot": str(tmp / "hot")}
+    compile_target(tmp / "hot", CC_FLAGS)
+    try:
+        compile_target(tmp / "hot-fentry", CC_FLAGS_FENTRY)
+        paths["hot-fentry"] = str(tmp / "hot-fentry")
+    except subprocess.CalledProcessError:
+        pass
+    return paths
+
+
+def chosen(tools: list[Tool], only: str | None) -> list[Tool]:
+    """The tools --only names (by prefix), and every baseline."""
+    if not only:
+        return tools
+    wanted = [w.strip() for w in only.split(",")]
+    return [t for t in tools if t.baseline is None or any(t.name.startswith(w) for w in wanted)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = bench_arguments(__doc__, SECTION, 3, True, argv)
+    cpu = args.cpu
 
     with tempfile.TemporaryDirectory(prefix="pmu-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        hot = tmp / "hot"
-        compile_target(hot, CC_FLAGS)
-        hot_fentry: Path | None = tmp / "hot-fentry"
-        try:
-            compile_target(tmp / "hot-fentry", CC_FLAGS_FENTRY)
-        except subprocess.CalledProcessError:
-            hot_fentry = None
-        paths = {"hot": str(hot), "hot-fentry": str(hot_fentry)}
+        paths = compile_hot(tmp)
         tools, notes = build_tools(
-            str(hot), None if hot_fentry is None else str(hot_fentry), tmp, 0.25 if args.quick else 1.0, cpu
+            paths["hot"], paths.get("hot-fentry"), tmp, 0.25 if args.quick else 1.0, cpu
         )
-        if args.only:
-            wanted = [w.strip() for w in args.only.split(",")]
-            tools = [t for t in tools if t.baseline is None or any(t.name.startswith(w) for w in wanted)]
+        tools = chosen(tools, args.only)
         rows = []
         for tool in tools:
             log(f"{tool.name}:")
