@@ -500,37 +500,43 @@ def _log_hist(ax: Axes, groups: Iterable[tuple[str, np.ndarray[Any, Any]]], bins
 
 def plot_distribution(df: pd.DataFrame, ax: Axes | None = None, bins: int = 50) -> Axes:
     """Histogram of inter-arrival times (log-spaced bins, log x axis), one outline per event."""
-    ax = _axes(ax)
     gaps = interarrival(df)
-    drawn = _log_hist(
-        ax,
+    return _hist_panel(
+        _axes(ax),
         ((str(e), rows["gap_ns"].to_numpy(np.int64)) for e, rows in gaps.groupby("event", observed=True)),
         bins,
+        ("time between consecutive hits of a thread (ns)", "gaps", "Inter-arrival times"),
+        "fewer than two hits in every thread",
     )
-    ax.set_xlabel("time between consecutive hits of a thread (ns)")
-    ax.set_ylabel("gaps")
-    ax.set_title("Inter-arrival times")
-    if drawn == 0:
-        _no_data(ax, "fewer than two hits in every thread")
-    else:
-        ax.legend(fontsize="small")
-    return ax
 
 
 def plot_latency(df: pd.DataFrame, ax: Axes | None = None, bins: int = 50) -> Axes:
     """Histogram of return-probe latencies (log-spaced bins, log x axis), one outline per event."""
-    ax = _axes(ax)
     lat = latency(df)
-    drawn = _log_hist(
-        ax,
+    return _hist_panel(
+        _axes(ax),
         ((str(e), rows["latency_ns"].to_numpy(np.int64)) for e, rows in lat.groupby("event", observed=True)),
         bins,
+        ("latency, entry to return (ns)", "calls", "Return-probe latency"),
+        "no return-probe latencies",
     )
-    ax.set_xlabel("latency, entry to return (ns)")
-    ax.set_ylabel("calls")
-    ax.set_title("Return-probe latency")
+
+
+def _hist_panel(
+    ax: Axes,
+    data: Iterable[tuple[str, np.ndarray[Any, Any]]],
+    bins: int,
+    labels: tuple[str, str, str],
+    empty: str,
+) -> Axes:
+    """`_log_hist` of data on ax with (x label, y label, title); `empty` is said when nothing was drawn."""
+    drawn = _log_hist(ax, data, bins)
+    xlabel, ylabel, title = labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     if drawn == 0:
-        _no_data(ax, "no return-probe latencies")
+        _no_data(ax, empty)
     else:
         ax.legend(fontsize="small")
     return ax

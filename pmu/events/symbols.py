@@ -71,13 +71,18 @@ class FileKey:
     @staticmethod
     def of(path: str) -> FileKey:
         """The identity of the file at `path` (FileError if it cannot be stat'ed)."""
-        try:
-            st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise FileError(f"no such file: {path}") from None
-        except OSError as err:
-            raise FileError(f"cannot read {path}: {err.strerror}") from None
+        st = _stat(path)
         return FileKey(dev=st.st_dev, ino=st.st_ino)
+
+
+def _stat(path: str) -> os.stat_result:
+    """os.stat(path), its failures as one-line FileErrors."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileError(f"no such file: {path}") from None
+    except OSError as err:
+        raise FileError(f"cannot read {path}: {err.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -158,12 +163,7 @@ def _elf_error(path: str, why: str) -> FileError:
 
 def _open_checked(path: str) -> os.stat_result:
     """stat `path` for reading, mapping failures to FileError."""
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise FileError(f"no such file: {path}") from None
-    except OSError as err:
-        raise FileError(f"cannot read {path}: {err.strerror}") from None
+    st = _stat(path)
     if stat.S_ISDIR(st.st_mode):
         raise _elf_error(path, "a directory")
     if not stat.S_ISREG(st.st_mode):
