@@ -69,7 +69,6 @@ import pyarrow.parquet as pq
 
 from pmu import __version__
 from pmu.errors import FileError
-from pmu.hits import COLUMNS_VIEW as _COLUMNS_VIEW
 from pmu.hits import Hits
 from pmu.ring import FLAG_RETURN, MAX_ARGS, RECORD_DTYPE
 
@@ -293,8 +292,7 @@ class RecordWriter:
             raise ValueError(f"write to closed {self.path}")
         if records.dtype != RECORD_DTYPE:
             raise ValueError(f"records must be of RECORD_DTYPE, not {records.dtype}")
-        if len(records):
-            self._append(self._fields(records), records["event"])
+        self.write_hits(Hits.of_records(records, self.nargs))
 
     def write_hits(self, hits: Hits) -> None:
         """Append a batch of hits given as columns (for instance views of a ring's records, converted where
@@ -334,16 +332,6 @@ class RecordWriter:
             done += count
             if self._rows == self.row_group_rows:
                 self._flush()
-
-    def _fields(self, records: npt.NDArray[Any]) -> list[npt.NDArray[Any]]:
-        """Views of the fields of `records` that fill `_buffers`, in the same order."""
-        view = records.view(_COLUMNS_VIEW)
-        fields = [view[name] for name in ("time", "pid", "tid", "event", "ip")]
-        args = view["args"]
-        fields += [args[:, i] for i in range(self.nargs)]
-        if self.returns:
-            fields += [view["retval"], view["latency_ns"], view["flags"]]
-        return fields
 
     def _gather(self, fields: list[npt.NDArray[Any]], start: int, count: int) -> None:
         """Copy `fields[start:start+count]` into the buffers after the rows they hold.
