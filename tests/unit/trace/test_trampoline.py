@@ -47,11 +47,23 @@ def _check_frame(text: list[str], saved: list[str]) -> None:
     assert text[-n:] == [*(f"pop {r}" for r in reversed(saved)), "popfq", "lea rsp, [rsp + 0x80]"]
 
 
+def _check_branches(insns: list[tuple[int, str, str]], restore: str) -> None:
+    """Every branch lands on an instruction of the prologue or on its end (the relocated code), and the
+    first je (the disabled check) on `restore`, the first instruction of the register restore."""
+    by_addr = {a: f"{m} {o}".strip() for a, m, o in insns}
+    end = insns[-1][0] + 8
+    for _, mnemonic, op in insns:
+        if mnemonic.startswith("j"):
+            target = int(op, 16)
+            assert target in by_addr or target == end, (mnemonic, op)
+    je_done = next(op for _, m, op in insns if m == "je")
+    assert by_addr[int(je_done, 16)] == restore
+
+
 @pytest.mark.parametrize("site", [0, 5, NSITES - 1])
 def test_counting_prologue(site: int) -> None:
     insns = _disasm(counting_trampoline(AREA, site))
     text = [f"{m} {o}".strip() for _, m, o in insns]
-    by_addr = {a: f"{m} {o}".strip() for a, m, o in insns}
     _check_frame(text, ["rax", "rcx", "rdx", "r8", "r9"])
     assert f"movabs rdx, {AREA:#x}" in text
     enabled = ENABLED + site
@@ -63,15 +75,8 @@ def test_counting_prologue(site: int) -> None:
     assert f"shl rcx, {ROW_SHIFT}" in text
     assert f"inc qword ptr [rdx + rcx + {ROWS + 8 * site:#x}]" in text
     assert 1 << ROW_SHIFT == NSITES * 8
-    # Every branch lands on an instruction of the prologue or on its end (the relocated code).
-    end = insns[-1][0] + 8
-    for _, mnemonic, op in insns:
-        if mnemonic.startswith("j"):
-            target = int(op, 16)
-            assert target in by_addr or target == end, (mnemonic, op)
     # The disabled check jumps straight to the register restore.
-    je_done = next(op for _, m, op in insns if m == "je")
-    assert by_addr[int(je_done, 16)] == "pop r9"
+    _check_branches(insns, "pop r9")
 
 
 def test_build_appends_relocated_code_and_jump_back() -> None:
@@ -100,7 +105,6 @@ def test_recording_prologue(nargs: int) -> None:
     spec = RecordSpec(RING, 7, IP, nargs)
     insns = _disasm(counting_trampoline(AREA, 5, spec))
     text = [f"{m} {o}".strip() for _, m, o in insns]
-    by_addr = {a: f"{m} {o}".strip() for a, m, o in insns}
     _check_frame(text, ["rax", "rcx", "rdx", "r8", "r9", "rdi", "r10"])
     # The ring protocol of pmu/ring.py: tail read before head, full check, CAS, commit last.
     at = text.index(f"movabs rdi, {RING:#x}")
@@ -114,13 +118,7 @@ def test_recording_prologue(nargs: int) -> None:
     assert f"mov r8d, dword ptr [rdx + {PID:#x}]" in text
     assert "lock inc qword ptr [rdi + 0x180]" in text
     assert f"lock inc qword ptr [rdi + {0x200 + 8 * 7:#x}]" in text
-    end = insns[-1][0] + 8
-    for _, mnemonic, op in insns:
-        if mnemonic.startswith("j"):
-            target = int(op, 16)
-            assert target in by_addr or target == end, (mnemonic, op)
-    je_done = next(op for _, m, op in insns if m == "je")
-    assert by_addr[int(je_done, 16)] == "pop r10"  # disabled: neither counted nor recorded
+    _check_branches(insns, "pop r10")  # disabled: neither counted nor recorded
 
 
 unicorn = pytest.importorskip("unicorn")
