@@ -924,8 +924,8 @@ class Tracer:
             for t in list(mm.tasks):
                 if t.state is TaskState.STOPPED:
                     with contextlib.suppress(OSError, pt.PtraceError, TraceError):
-                        if pt.peek_user(t.tid, pt.RIP) != mm.ret_tramp:  # detach unhijacks that one
-                            self._step_out_of_slots(t, self._held)
+                        self._unhijack(t)  # as _leave_mm does: no thread is left at the return int3
+                        self._step_out_of_slots(t, self._held)
 
     def detach_all(self) -> None:
         """Leave every task as if we had never been there (detach, Ctrl-C, errors, the end of a run).
