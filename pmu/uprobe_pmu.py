@@ -27,7 +27,7 @@ from pmu.trace import trampoline
 from pmu.trace.maps import addresses_of, mapped_files
 from pmu.trace.patchsafety import check_jump_patch
 from pmu.trace.relocate import build_slot
-from pmu.trace.tasks import AddressSpace, CounterArea, JumpPatch, ReturnFrame
+from pmu.trace.tasks import AddressSpace, CounterArea, JumpPatch, ReturnFrame, TaskState
 from pmu.trace.tasks import Task as TraceTask
 from pmu.trace.tracer import Tracer
 
@@ -41,7 +41,7 @@ RECORD_RETURN = 1
 class _Entry:
     """One event counting on one thread at a site; `running` is what start/stop flip."""
 
-    __slots__ = ("event", "running", "index", "period", "nargs", "seen")
+    __slots__ = ("event", "running", "index", "period", "nargs", "key", "seen")
 
     def __init__(self, event: Event, running: bool, index: int) -> None:
         self.event = event
@@ -50,6 +50,8 @@ class _Entry:
         """The event's index in the ring's records (its evsel's position)."""
         self.period = event.attr.sample_period
         self.nargs = event.attr.sample_args
+        self.key = 0
+        """For a jump-optimized site: the FS base whose counter rows `seen` refers to (0: none yet)."""
         self.seen = 0
         """For a jump-optimized site: the thread's counter value already added to the event."""
 
@@ -308,21 +310,28 @@ class UprobePmu:
         return total
 
     def _harvest(self, site: _Site, entry: _Entry) -> None:
-        """Fold the hits counted for the entry's thread since the last harvest into its event."""
+        """Fold the hits counted for the entry's thread since the last harvest into its event.
+
+        A thread's hits are in the rows keyed by its FS base (several rows if it claimed a free row
+        before reaching its own, after pmu freed one on the way). A key two live threads share (a
+        thread cloned without a TLS of its own) is read by the one with the lowest tid only, so every
+        hit is counted once. A thread whose FS base changed (arch_prctl) first gets what its old key
+        gained, then counts from its new key's rows."""
         area = site.mm.counters
         task = entry.event.task
         if area is None or not isinstance(task, TraceTask) or task.tid in self._vforks:
             return  # a vfork child's hits are in its parent's row: vfork_done gives them
         fs = self.tracer.fs_base(task)
-        if not fs:
+        if not fs or _owner_of(task, fs) is not task:
             return
-        view = np.frombuffer(area.mem, dtype="<u8")
-        keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
-        found = np.flatnonzero(keys == fs)
-        if not len(found):
-            return
-        row = trampoline.ROWS // 8 + int(found[0]) * trampoline.NSITES
-        value = sum(int(view[row + column]) for column in site.columns)
+        if entry.key != fs:
+            if entry.key and _owner_of(task, entry.key) is task:
+                self._add(site, entry, int(sum(self._row(area, entry.key)[c] for c in site.columns)))
+            entry.key, entry.seen = fs, 0
+        self._add(site, entry, int(sum(self._row(area, fs)[c] for c in site.columns)))
+
+    @staticmethod
+    def _add(site: _Site, entry: _Entry, value: int) -> None:
         delta = value - entry.seen
         if delta > 0:
             entry.event.count += delta
@@ -354,37 +363,41 @@ class UprobePmu:
                 continue
             hits = int(sum(gained[c] for c in site.columns))
             for entry in site.by_tid.get(parent_tid, ()):
+                if entry.key != fs:
+                    entry.key, entry.seen = fs, 0
                 entry.seen += hits
             for entry in site.by_tid.get(child.tid, ()):
                 entry.event.count += hits
+                entry.key = fs
                 entry.seen = int(sum(now[c] for c in site.columns))  # the row is not its own
                 site.attributed += hits
 
     @staticmethod
     def _row(area: CounterArea, fs: int) -> np.ndarray:
-        """A copy of the counter row of the thread with FS base fs (zeros if it has none yet)."""
+        """The counts of the thread with FS base fs: the sum of every row keyed by it (zeros if none)."""
         view = np.frombuffer(area.mem, dtype="<u8")
         keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
-        found = np.flatnonzero(keys == fs) if fs else np.zeros(0, dtype=np.int64)
-        if not len(found):
+        rows = view[trampoline.ROWS // 8 :].reshape(trampoline.NSLOTS, trampoline.NSITES)
+        if not fs:
             return np.zeros(trampoline.NSITES, dtype=np.int64)
-        start = trampoline.ROWS // 8 + int(found[0]) * trampoline.NSITES
-        return view[start : start + trampoline.NSITES].astype(np.int64)
+        total: np.ndarray = rows[keys == fs].sum(axis=0, dtype=np.int64)
+        return total
 
     def task_exited(self, task: TraceTask) -> None:
-        """A thread is gone (its events already harvested): give its counter row back for reuse, so a
-        thread that gets the same FS base later starts from zero."""
+        """A thread is gone (its events already harvested): give its counter rows back for reuse, so a
+        thread that gets the same FS base later (glibc reuses a finished thread's TLS) starts from zero.
+        Not a vfork child's (the rows are its parent's), nor a key another live thread owns."""
         area = task.mm.counters
         fs = task.fs_base
-        if area is None or not fs:
+        if area is None or not fs or task.pid != task.mm.pid:
             return
-        if any(t is not task and t.fs_base == fs for t in task.mm.tasks):
-            return  # a vfork child leaving: the row is its parent's
+        if _owner_of(task, fs) is not task:
+            return
         view = np.frombuffer(area.mem, dtype="<u8")
         keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
+        rows = view[trampoline.ROWS // 8 :].reshape(trampoline.NSLOTS, trampoline.NSITES)
         for index in np.flatnonzero(keys == fs):
-            start = trampoline.ROWS // 8 + int(index) * trampoline.NSITES
-            view[start : start + trampoline.NSITES] = 0
+            rows[index] = 0  # counts first, then the key: a thread claiming the row finds it zeroed
             keys[index] = 0
 
     def describe(self, event: Event) -> str:
@@ -451,6 +464,21 @@ class UprobePmu:
             return
         args = self.tracer.arguments(task, entry.nargs) if entry.nargs else ()
         ring.write(entry.index, time.monotonic_ns(), task.tid, task.pid, ip, args, retval, latency_ns, flags)
+
+
+def _owner_of(task: TraceTask, fs: int) -> TraceTask:
+    """The live thread of task's process whose counts the rows keyed by FS base fs are: the lowest tid
+    among those with that FS base (task itself if it has it alone)."""
+    owner = task
+    for t in task.mm.tasks:
+        if (
+            t.fs_base == fs
+            and t.pid == task.pid
+            and t.tid < owner.tid
+            and t.state not in (TaskState.EXITING, TaskState.EXITED)
+        ):
+            owner = t
+    return owner
 
 
 def _check_relocatable(probe: ResolvedProbe) -> None:
