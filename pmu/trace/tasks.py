@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pmu.ring import Ring
+from pmu.trace.guard import Guard
 from pmu.trace.maps import Mapping, read_maps
 
 
@@ -182,6 +183,8 @@ class AddressSpace:
         """Address of the int3 that hijacked returns land on (in an out-of-line area)."""
         self.internal: dict[int, str] = {}
         """Tracer-owned breakpoints (address -> purpose), such as the dynamic linker's r_brk."""
+        self.guard: Guard | None = None
+        """The SIGTRAP handler that keeps a trap of ours harmless should pmu die (see guard.py)."""
         self.dead = False
         self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
 

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissionError
 from pmu.ring import ClockKind, Ring, ThreadKind
-from pmu.trace import inject, trampoline
+from pmu.trace import guard, inject, trampoline
 from pmu.trace import ptrace_ops as pt
 from pmu.trace.maps import PAGE, free_gap_near
 from pmu.trace.patchsafety import PatchPlan
@@ -394,6 +394,7 @@ class Tracer:
             mm.areas = [SlotArea(a.base, a.size, a.used) for a in parent.mm.areas]
             mm.internal = dict(parent.mm.internal)
             mm.ret_tramp = parent.mm.ret_tramp
+            mm.guard = parent.mm.guard.copy() if parent.mm.guard is not None else None
             mm.jumps = {
                 a: JumpPatch(p.addr, p.orig, p.tramp, p.column, p.moves, users=0)
                 for a, p in parent.mm.jumps.items()
@@ -556,6 +557,7 @@ class Tracer:
             slot = self._alloc_slot(mm, addr, stopped_tid)
             body, length = build_slot(code, addr, slot)
             mm.write(slot, body)
+            self._guard_site(mm, stopped_tid, addr, slot)
             mm.write(addr, INT3)
             mm.removed.discard(addr)
             mm.breakpoints[addr] = Breakpoint(addr, code[:1], slot, length, [consumer])
@@ -710,6 +712,9 @@ class Tracer:
         if mm.ret_tramp is None:
             with self.stopped(mm) as tid:
                 slot = self._alloc_slot(mm, near, tid)
+                g = self._guard(mm, tid)
+                if g is not None:
+                    mm.write(g.base + guard.RET_TRAMP, slot.to_bytes(8, "little"))
                 mm.write(slot, INT3)
                 mm.ret_tramp = slot
         return mm.ret_tramp
@@ -736,7 +741,10 @@ class Tracer:
                 return
         else:
             while shadow and shadow[-1].rsp <= rsp:
-                shadow.pop()
+                self._drop_frame(mm, shadow.pop())
+            entry = mm.guard.frame_entry(rsp, orig) if mm.guard is not None else None
+            if entry is not None:
+                mm.write(*entry)  # first: the slot is never the trampoline without its entry
             mm.write(rsp, tramp.to_bytes(8, "little"))
         shadow.append(ReturnFrame(rsp, orig, handler, time.monotonic_ns(), chained))
 
@@ -751,7 +759,7 @@ class Tracer:
         slot = pt.peek_user(task.tid, pt.RSP) - 8
         shadow = task.shadow
         while shadow and shadow[-1].rsp < slot:
-            shadow.pop()  # frames longjmp'd over
+            self._drop_frame(task.mm, shadow.pop())  # frames longjmp'd over
         if not shadow:
             raise TraceError(
                 f"thread {task.tid} returned through pmu's trampoline with no frame to return to"
@@ -759,6 +767,7 @@ class Tracer:
         retval = pt.peek_user(task.tid, pt.RAX) if run_handlers else 0
         while True:
             frame = shadow.pop()
+            self._drop_frame(task.mm, frame)
             if run_handlers:
                 frame.handler(task, frame, retval)
             if not (frame.chained and shadow):
@@ -775,7 +784,64 @@ class Tracer:
         for frame in task.shadow:
             if not frame.chained and mm.read(frame.rsp, 8) == tramp.to_bytes(8, "little"):
                 mm.write(frame.rsp, frame.orig.to_bytes(8, "little"))
+            self._drop_frame(mm, frame)
         task.shadow.clear()
+
+    @staticmethod
+    def _drop_frame(mm: AddressSpace, frame: ReturnFrame) -> None:
+        if mm.guard is not None and not frame.chained:
+            mm.guard.drop_frame(frame.rsp)
+
+    # ---- the trap guard ---------------------------------------------------------------------------
+
+    def _guard(self, mm: AddressSpace, tid: int) -> guard.Guard | None:
+        """mm's trap guard, installed on first use (every thread of mm stopped, `tid` one of them): an
+        area with the handler, then the program's SIGTRAP disposition saved and the guard's set. None
+        if it cannot be installed (the probes then work, unguarded should pmu die)."""
+        if mm.guard is not None:
+            return mm.guard
+        prot = inject.PROT_READ | inject.PROT_WRITE
+        flags = inject.MAP_PRIVATE | inject.MAP_ANONYMOUS
+        base = self._syscall(tid, mm, inject.SYS_MMAP, 0, guard.SIZE, prot, flags, -1, 0)
+        if base < 0:
+            return None
+        mm.write(base, guard.code_page())
+        old = base + guard.OLD_ACT
+        if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, 0, old, 8) < 0:
+            self._syscall(tid, mm, inject.SYS_MUNMAP, base, guard.SIZE)
+            return None
+        _, old_flags, _, _ = guard.parse_sigaction(mm.read(old, 32))
+        mm.write(base + guard.NEW_ACT, guard.guard_action(base, old_flags))
+        code = inject.PROT_READ | inject.PROT_EXEC
+        if self._syscall(tid, mm, inject.SYS_MPROTECT, base, guard.CODE_PAGE, code) < 0 or (
+            self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, base + guard.NEW_ACT, 0, 8) < 0
+        ):
+            self._syscall(tid, mm, inject.SYS_MUNMAP, base, guard.SIZE)
+            return None
+        mm.guard = guard.Guard(base)
+        return mm.guard
+
+    def _guard_site(self, mm: AddressSpace, tid: int, addr: int, slot: int) -> None:
+        """Tell mm's guard where the int3 about to be written at addr continues (its slot)."""
+        g = self._guard(mm, tid)
+        entry = g.site_entry(addr, slot) if g is not None else None
+        if g is not None and entry is not None:
+            mm.write(*entry)
+            mm.write(*g.nsites_bytes())
+
+    def _unguard(self, mm: AddressSpace, tid: int) -> None:
+        """Put the program's SIGTRAP disposition back (unless it set one of its own meanwhile) and unmap
+        the guard. Every int3 of ours must be gone already."""
+        g = mm.guard
+        if g is None:
+            return
+        mm.guard = None
+        query = g.base + guard.QUERY
+        if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, 0, query, 8) >= 0:
+            handler, _, _, _ = guard.parse_sigaction(mm.read(query, 32))
+            if handler == g.base + guard.CODE:
+                self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, g.base + guard.OLD_ACT, 0, 8)
+        self._syscall(tid, mm, inject.SYS_MUNMAP, g.base, guard.SIZE)
 
     def remove(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None:
         """Drop `consumer` from the int3 at `addr`; restore the original byte when it was the last."""
@@ -804,6 +870,10 @@ class Tracer:
         if bp is not None:
             bp.consumers.clear()
             mm.internal.pop(addr, None)
+        entry = mm.guard.forget_site(addr) if mm.guard is not None else None
+        if entry is not None:
+            with contextlib.suppress(OSError):
+                mm.write(*entry)
 
     def collect(self, mm: AddressSpace) -> None:
         """Restore every breakpoint and jump patch of mm that nothing holds (after a fork)."""
@@ -1006,6 +1076,8 @@ class Tracer:
         mm.internal.clear()
         mm.jumps.clear()
         stopped = [t for t in mm.tasks if t.state is TaskState.STOPPED]
+        if stopped:
+            self._unguard(mm, stopped[0].tid)
         if stopped and mm.counters is not None:
             self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, mm.counters.address, mm.counters.size)
             mm.counters = None

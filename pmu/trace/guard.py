@@ -1,0 +1,238 @@
+"""The trap guard: a SIGTRAP handler pmu installs in a process before it writes its first int3 there, so
+that a trap pmu leaves behind never kills the process, even when pmu itself is killed (SIGKILL).
+
+While pmu traces the process the handler never runs for pmu's own traps: each int3 of ours stops the
+thread and pmu handles it. Only when no tracer is left (pmu died) does the kernel deliver such a trap
+to the process, and the handler then does what pmu would have done, minus the counting:
+
+- an int3 at a probe site: continue in the site's out-of-line slot (the relocated displaced
+  instruction and a jump back), or rewind to the site if its int3 was removed meanwhile;
+- the int3 that hijacked returns land on: return to the real return address, found by stack slot in
+  the frame table pmu fills at every hijack;
+- any other SIGTRAP (the program's own int3, raise(SIGTRAP), kill -TRAP): what the program's own
+  disposition says. A handler of the program's is called with the same arguments; SIG_IGN returns;
+  SIG_DFL is put back and the signal raised again, so the process dies of SIGTRAP as it would have.
+
+At detach pmu puts the program's disposition back (unless the program changed it meanwhile) and
+unmaps the area. Known limits: a program that queries SIGTRAP's disposition while traced sees the
+guard's; one that installs its own SIGTRAP handler while traced replaces the guard (pmu's traps are
+then unguarded should pmu die); a thread that blocks SIGTRAP dies of a trap left behind, as the kernel
+forces the default action on a blocked synchronous trap.
+
+The area (private anonymous memory: a forked child gets a copy of the tables with its copy of the
+stacks; exec drops the handler with the image):
+
+    0x0000  handler code, then the restorer (rt_sigreturn)      r-x
+    0x1000  the program's sigaction (kernel layout: handler, flags, restorer, mask)
+    0x1020  the guard's sigaction
+    0x1040  scratch sigaction (what the disposition is at detach)
+    0x1060  ret_tramp  u64        the return trampoline's int3 (0: none)
+    0x1068  nsites     u64        site entries in use
+    0x2000  sites      (addr, slot) u64 pairs, NSITES of them
+    0x12000 frames     (stack slot, return address) u64 pairs, NFRAMES of them (slot 0 = free)
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from pmu.trace.trampoline import _assemble, _Insn
+
+SIGTRAP = 5
+SA_SIGINFO = 0x4
+SA_ONSTACK = 0x08000000
+SA_RESTORER = 0x04000000
+SIG_DFL, SIG_IGN = 0, 1
+SI_KERNEL = 0x80
+
+CODE = 0x0000
+RESTORER = 0x0F00
+OLD_ACT = 0x1000
+NEW_ACT = 0x1020
+QUERY = 0x1040
+RET_TRAMP = 0x1060
+NSITES_USED = 0x1068
+SITES = 0x2000
+NSITES = 4096
+FRAMES = SITES + 16 * NSITES
+NFRAMES = 8192
+SIZE = FRAMES + 16 * NFRAMES
+CODE_PAGE = 0x1000
+
+# ucontext_t on x86-64: uc_mcontext.gregs starts at 40; RSP is gregs[15], RIP gregs[16].
+UC_RSP = 40 + 8 * 15
+UC_RIP = 40 + 8 * 16
+SI_CODE = 8
+SYS_RT_SIGRETURN = 15
+SYS_RT_SIGACTION = 13
+SYS_MPROTECT = 10
+SYS_GETPID = 39
+SYS_GETTID = 186
+SYS_TGKILL = 234
+
+
+def _d32(v: int) -> bytes:
+    return struct.pack("<i", v)
+
+
+def handler_code() -> bytes:
+    """The handler (rdi = signal, rsi = siginfo, rdx = ucontext), position independent: it finds the
+    area from its own address. It uses only rax, rcx, r8-r11 until it hands over to the program's
+    handler with rdi, rsi and rdx as the kernel passed them."""
+    prog: list[_Insn] = [
+        ("", b"\x4c\x8d\x1d" + _d32(-7), None),  # lea r11, [rip-7]         the area (this insn is first)
+        ("", b"\x81\x7e" + bytes([SI_CODE]) + struct.pack("<I", SI_KERNEL), None),  # cmp [rsi+8], SI_KERNEL
+        ("", b"\x75", "chain"),  # jne chain                 not a trap instruction: not ours
+        ("", b"\x48\x8b\x82" + _d32(UC_RIP), None),  # mov rax, [rdx+RIP]
+        ("", b"\x4c\x8d\x40\xff", None),  # lea r8, [rax-1]           where the int3 is
+        ("", b"\x4d\x3b\x83" + _d32(RET_TRAMP), None),  # cmp r8, [r11+RET_TRAMP]
+        ("", b"\x75", "sites"),  # jne sites
+        ("", b"\x4c\x8b\x92" + _d32(UC_RSP), None),  # mov r10, [rdx+RSP]
+        ("", b"\x49\x83\xea\x08", None),  # sub r10, 8                the slot `ret` popped
+        ("", b"\x49\x8d\x8b" + _d32(FRAMES), None),  # lea rcx, [r11+FRAMES]
+        ("", b"\x41\xb9" + struct.pack("<I", NFRAMES), None),  # mov r9d, NFRAMES
+        ("floop", b"\x4c\x39\x11", None),  # cmp [rcx], r10
+        ("", b"\x74", "ffound"),  # je ffound
+        ("", b"\x48\x83\xc1\x10", None),  # add rcx, 16
+        ("", b"\x41\xff\xc9", None),  # dec r9d
+        ("", b"\x75", "floop"),  # jne floop
+        ("", b"\xeb", "chain"),  # jmp chain
+        ("ffound", b"\x48\x8b\x41\x08", None),  # mov rax, [rcx+8]          the real return address
+        ("", b"\xeb", "setrip"),  # jmp setrip
+        ("sites", b"\x49\x8d\x8b" + _d32(SITES), None),  # lea rcx, [r11+SITES]
+        ("", b"\x4d\x8b\x8b" + _d32(NSITES_USED), None),  # mov r9, [r11+NSITES_USED]
+        ("", b"\x4d\x85\xc9", None),  # test r9, r9
+        ("", b"\x74", "chain"),  # je chain
+        ("sloop", b"\x4c\x39\x01", None),  # cmp [rcx], r8
+        ("", b"\x74", "sfound"),  # je sfound
+        ("", b"\x48\x83\xc1\x10", None),  # add rcx, 16
+        ("", b"\x49\xff\xc9", None),  # dec r9
+        ("", b"\x75", "sloop"),  # jne sloop
+        ("", b"\xeb", "chain"),  # jmp chain
+        ("sfound", b"\x48\x8b\x41\x08", None),  # mov rax, [rcx+8]          the out-of-line slot
+        ("", b"\x41\x80\x38\xcc", None),  # cmp byte [r8], 0xcc
+        ("", b"\x74", "setrip"),  # je setrip
+        ("", b"\x4c\x89\xc0", None),  # mov rax, r8               int3 removed meanwhile: rewind
+        ("setrip", b"\x48\x89\x82" + _d32(UC_RIP), None),  # mov [rdx+RIP], rax
+        ("", b"\xc3", None),  # ret                       to the restorer: rt_sigreturn
+        ("chain", b"\x49\x8b\x83" + _d32(OLD_ACT), None),  # mov rax, [r11+OLD_ACT]   the program's
+        ("", b"\x48\x83\xf8\x01", None),  # cmp rax, SIG_IGN
+        ("", b"\x74", "out"),  # je out
+        ("", b"\x48\x85\xc0", None),  # test rax, rax             SIG_DFL?
+        ("", b"\x74", "dfl"),  # je dfl
+        ("", b"\xff\xe0", None),  # jmp rax                   its handler, same arguments
+        ("out", b"\xc3", None),  # ret
+        ("dfl", b"\xbf" + struct.pack("<I", SIGTRAP), None),  # mov edi, SIGTRAP
+        ("", b"\x49\x8d\xb3" + _d32(OLD_ACT), None),  # lea rsi, [r11+OLD_ACT]
+        ("", b"\x31\xd2", None),  # xor edx, edx
+        ("", b"\x41\xba\x08\x00\x00\x00", None),  # mov r10d, 8
+        ("", b"\xb8" + struct.pack("<I", SYS_RT_SIGACTION), None),  # mov eax, rt_sigaction
+        ("", b"\x0f\x05", None),  # syscall                   the default back
+        ("", b"\xb8" + struct.pack("<I", SYS_GETPID), None),  # mov eax, getpid
+        ("", b"\x0f\x05", None),  # syscall
+        ("", b"\x49\x89\xc0", None),  # mov r8, rax
+        ("", b"\xb8" + struct.pack("<I", SYS_GETTID), None),  # mov eax, gettid
+        ("", b"\x0f\x05", None),  # syscall
+        ("", b"\x48\x89\xc6", None),  # mov rsi, rax
+        ("", b"\x4c\x89\xc7", None),  # mov rdi, r8
+        ("", b"\xba" + struct.pack("<I", SIGTRAP), None),  # mov edx, SIGTRAP
+        ("", b"\xb8" + struct.pack("<I", SYS_TGKILL), None),  # mov eax, tgkill
+        ("", b"\x0f\x05", None),  # syscall                   pending until the handler returns
+        ("", b"\xc3", None),  # ret
+    ]
+    return _assemble(prog)
+
+
+RESTORER_CODE = b"\xb8" + struct.pack("<I", SYS_RT_SIGRETURN) + b"\x0f\x05"  # mov eax, 15; syscall
+
+
+def code_page() -> bytes:
+    """The first page of the area: the handler at CODE and the restorer at RESTORER."""
+    code = handler_code()
+    assert len(code) <= RESTORER
+    page = bytearray(CODE_PAGE)
+    page[CODE : CODE + len(code)] = code
+    page[RESTORER : RESTORER + len(RESTORER_CODE)] = RESTORER_CODE
+    return bytes(page)
+
+
+def sigaction_bytes(handler: int, flags: int, restorer: int, mask: int) -> bytes:
+    return struct.pack("<QQQQ", handler, flags, restorer, mask)
+
+
+def parse_sigaction(raw: bytes) -> tuple[int, int, int, int]:
+    handler, flags, restorer, mask = struct.unpack("<QQQQ", raw[:32])
+    return handler, flags, restorer, mask
+
+
+def guard_action(base: int, old_flags: int) -> bytes:
+    """The guard's own sigaction: SA_SIGINFO, its restorer, the program's SA_ONSTACK choice."""
+    flags = SA_SIGINFO | SA_RESTORER | (old_flags & SA_ONSTACK)
+    return sigaction_bytes(base + CODE, flags, base + RESTORER, 0)
+
+
+@dataclass(eq=False)
+class Guard:
+    """pmu's mirror of one address space's guard area: where it is, and which entries are in use."""
+
+    base: int
+    sites: dict[int, int] = field(default_factory=dict)
+    """Probe address -> index of its entry."""
+    frames: dict[int, int] = field(default_factory=dict)
+    """Stack slot -> index of its entry, kept after the frame returned: a slot hijacked again reuses its
+    entry, so the table never holds two entries for one slot."""
+    owner: dict[int, int] = field(default_factory=dict)
+    """Index -> the stack slot its entry is for."""
+    free: dict[int, None] = field(default_factory=dict)
+    """Indexes whose frame returned, to be given to another slot when no index is left."""
+
+    def copy(self) -> Guard:
+        """A forked child's: the same area at the same address, a copy of its tables."""
+        return Guard(self.base, dict(self.sites), dict(self.frames), dict(self.owner), dict(self.free))
+
+    def site_entry(self, addr: int, slot: int) -> tuple[int, bytes] | None:
+        """(where, bytes) to write so the site at addr is guarded; None if the table is full. The
+        caller writes NSITES_USED too (see nsites_bytes)."""
+        index = self.sites.get(addr)
+        if index is None:
+            if len(self.sites) >= NSITES:
+                return None
+            index = self.sites[addr] = len(self.sites)
+        return self.base + SITES + 16 * index, struct.pack("<QQ", addr, slot)
+
+    def forget_site(self, addr: int) -> tuple[int, bytes] | None:
+        """The code at addr was unmapped: its entry must no longer match (its index stays used)."""
+        index = self.sites.get(addr)
+        if index is None:
+            return None
+        return self.base + SITES + 16 * index, struct.pack("<QQ", 0, 0)
+
+    def nsites_bytes(self) -> tuple[int, bytes]:
+        return self.base + NSITES_USED, struct.pack("<Q", len(self.sites))
+
+    def frame_entry(self, rsp: int, orig: int) -> tuple[int, bytes] | None:
+        """(where, bytes) that tell the handler the real return address of the slot at rsp; None if
+        the table is full (that return is then unguarded)."""
+        index = self.frames.get(rsp)
+        if index is not None:
+            self.free.pop(index, None)
+        else:
+            if len(self.owner) < NFRAMES:
+                index = len(self.owner)
+            elif self.free:
+                index = next(iter(self.free))
+                del self.free[index]
+                del self.frames[self.owner[index]]
+            else:
+                return None
+            self.frames[rsp] = index
+            self.owner[index] = rsp
+        return self.base + FRAMES + 16 * index, struct.pack("<QQ", rsp, orig)
+
+    def drop_frame(self, rsp: int) -> None:
+        """The frame at rsp returned (or was abandoned): its entry may go to another slot. Its stale
+        contents are harmless: a slot holds the trampoline only after a newer write of its entry."""
+        index = self.frames.get(rsp)
+        if index is not None:
+            self.free[index] = None
