@@ -6,13 +6,14 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 from pmu.events.spec import parse_event
 from pmu.events.symbols import resolve_probe
-from tests.conftest import ROOT, per_thread_counts, run_pmu, stat_counts
+from tests.conftest import NO_OPTIMIZE, ROOT, per_thread_counts, run_pmu, stat_counts
 
 
 class Spin:
@@ -135,12 +136,31 @@ def test_attach_until_a_signal(spin, sig):
 
 
 def test_attach_until_the_process_exits(build):
-    s = Spin(build("spin"), seconds=1)
-    r = run_pmu("stat", "-x,", "-p", s.pid, "-e", "uprobe:work")
-    assert r.returncode == 0, r.stderr
-    assert stat_counts(r.stderr)["uprobe:work"] > 100
-    out, _ = s.proc.communicate(timeout=10)
-    assert s.proc.returncode == 0 and out.startswith("total=")
+    """Without a command pmu counts until the process exits. The process is told to exit only once the
+    probe is in place (a process that ends by a clock could end before a slow start attached)."""
+    s = Spin(build("spin"), seconds=300)
+    try:
+        addr = _work_address(s)
+        with open(f"/proc/{s.pid}/mem", "rb") as mem:
+            mem.seek(addr)
+            orig = mem.read(1)
+        cmd = [sys.executable, "-m", "pmu", "stat", "-x,", "-p", str(s.pid), "-e", "uprobe:work"]
+        if NO_OPTIMIZE:
+            cmd.insert(4, "--no-optimize")
+        pmu = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        while pmu.poll() is None:
+            with open(f"/proc/{s.pid}/mem", "rb") as mem:
+                mem.seek(addr)
+                if mem.read(1) != orig:
+                    break
+        s.proc.send_signal(signal.SIGUSR1)
+        _, err = pmu.communicate(timeout=60)
+        assert pmu.returncode == 0, err
+        assert stat_counts(err)["uprobe:work"] > 0
+        out, _ = s.proc.communicate(timeout=10)
+        assert s.proc.returncode == 0 and out.startswith("total=")
+    finally:
+        s.kill()
 
 
 def test_attach_per_thread_and_single_thread(spin):
