@@ -14,7 +14,7 @@ Counter area (one per address space: a memfd mapped shared by the tracee and by 
     0x0800  pid      u32                  the process the area belongs to (forked children get their own
                                           area at the same address), for the `pid` of ring records
     0x1000  keys     u64[NSLOTS]          FS base owning each row (0 = free); claimed by the trampoline
-    0x2000  rows     u64[NSLOTS][NSITES]  per-thread hit counts, one 512-byte row per thread
+    0x3000  rows     u64[NSLOTS][NSITES]  per-thread hit counts, one 512-byte row per thread
 
 Recording (pmu record): after counting, the trampoline of a site that records appends one record per hit
 to a ring mapped shared into the process (pmu/ring.py: the layout and the CAS protocol, followed step by
@@ -32,13 +32,14 @@ from dataclasses import dataclass
 
 NSITES = 64
 """Probe sites (columns) one address space can have optimized."""
-NSLOTS = 256
-"""Threads (rows) that can count at once; a power of two."""
+NSLOTS = 1024
+"""Threads (rows) that can count at once; a power of two. A thread that finds no free row counts in
+the site's miss counter: totals stay exact, only per-thread attribution is lost."""
 ENABLED = 0x0000
 MISS = 0x0040
 PID = 0x0800
 KEYS = 0x1000
-ROWS = 0x2000
+ROWS = KEYS + 8 * NSLOTS
 ROW_SHIFT = 9  # log2(NSITES * 8)
 AREA_BYTES = ROWS + NSLOTS * NSITES * 8
 RED_ZONE = 128
