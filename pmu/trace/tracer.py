@@ -25,7 +25,7 @@ from pmu.trace import ptrace_ops as pt
 from pmu.trace.maps import PAGE, free_gap_near
 from pmu.trace.patchsafety import PatchPlan
 from pmu.trace.relocate import SLOT_SIZE, build_slot, relocate_run
-from pmu.trace.rtld import debug_state_address
+from pmu.trace.rtld import RT_CONSISTENT, debug_state_address, link_map_state, r_debug_address
 from pmu.trace.tasks import (
     AddressSpace,
     Breakpoint,
@@ -50,6 +50,12 @@ PUSHF = b"\x9c"
 POPF = b"\x9d"
 TRAP_FLAG = 0x100
 AREA_SIZE = 16 * PAGE
+STARTUP_STOPS = 20000
+"""Syscall stops a task may make in its start-up phase (see Tracer.starting) before it is resumed with
+PTRACE_CONT anyway: a bound on the cost should the dynamic linker never say it is done."""
+SYS_MPROTECT = 10
+ENTER_RAX = -errno.ENOSYS & 0xFFFFFFFFFFFFFFFF
+"""rax at a syscall-enter stop (x86-64 sets it before the stop); an exit stop holds the result."""
 NEAR = (1 << 31) - AREA_SIZE - PAGE
 
 
@@ -108,6 +114,11 @@ class Tracer:
         self._held: dict[int, int] = {}
         """Signals to deliver at detach, collected by `quiesce`."""
         self._stopped_by_us: dict[AddressSpace, list[Task]] = {}
+        self.starting: dict[Task, int] = {}
+        """Tasks between their exec and the dynamic linker's first RT_CONSISTENT r_brk, while a probe of
+        theirs waits for its file (-> syscall stops left). They are resumed with PTRACE_SYSCALL, so that
+        each library is armed as soon as its code is mapped: ld.so runs IFUNC resolvers and
+        __libc_early_init before r_brk first reports the libraries, and enable_on_exec counts them."""
 
     # ---- starting -------------------------------------------------------------------------------
 
@@ -220,6 +231,7 @@ class Tracer:
         if self.listener.awaits_mappings(task.mm):
             self._hook_rtld(task)
         self.listener.maps_changed(task.mm)
+        self._watch_startup(task)
         for t in list(task.mm.tasks):
             if t.state is TaskState.STOPPED:
                 self._resume(t)
@@ -289,6 +301,8 @@ class Tracer:
             if event == 0:
                 if sig == signal.SIGTRAP:
                     self._trap(task)
+                elif sig == pt.SYSCALL_TRAP:
+                    self._syscall_stop(task)
                 else:
                     self._signal(task, sig)
             else:
@@ -306,7 +320,7 @@ class Tracer:
             if returned and pt.siginfo_code(tid)[1] == pt.SI_KERNEL:
                 task.state = TaskState.STOPPED
                 pt.poke_user(tid, pt.RIP, self._returned(task))
-                pt.cont(tid, 0)
+                self._cont(task)
                 task.state = TaskState.RUNNING
                 return
             if bp is not None or (rip - 1) in task.mm.removed:
@@ -319,7 +333,7 @@ class Tracer:
                         for consumer in bp.consumers:
                             consumer(task)
                         pt.poke_user(tid, pt.RIP, bp.slot)
-                    pt.cont(tid, 0)
+                    self._cont(task)
                     task.state = TaskState.RUNNING
                     return
             task.state = TaskState.STOPPED
@@ -475,6 +489,7 @@ class Tracer:
                 if other.state not in (TaskState.EXITED, TaskState.EXITING):
                     self.listener.task_exit(other)
                 self._forget(other)
+        self.starting.pop(task, None)
         self._exec_mm(task)
         self.listener.task_exec(task, former)
         if not self.listener.wants(task):
@@ -483,6 +498,7 @@ class Tracer:
             return None
         self._hook_rtld(task)
         self.listener.maps_changed(task.mm)
+        self._watch_startup(task)
         return task
 
     def _exec_mm(self, task: Task) -> None:
@@ -504,6 +520,7 @@ class Tracer:
         self._forget(task)
 
     def _forget(self, task: Task) -> None:
+        self.starting.pop(task, None)
         if task.state is not TaskState.EXITED:
             task.remember_comm()
         task.state = TaskState.EXITED
@@ -538,6 +555,58 @@ class Tracer:
     def _rtld_hit(self, task: Task) -> None:
         self.fs_base(task)  # the dynamic linker has set up the main thread's TLS by its second call
         self.listener.maps_changed(task.mm)
+        if task in self.starting and self._rtld_done(task):
+            del self.starting[task]
+
+    def _watch_startup(self, task: Task) -> None:
+        """At an exec (or the start of a launched command): if the dynamic linker has not run yet and a
+        probe waits for its file, follow the task's syscalls until ld.so is done (see `starting`)."""
+        mm = task.mm
+        if "r_brk" not in mm.internal.values() or not self.listener.awaits_mappings(mm):
+            return
+        with contextlib.suppress(OSError):
+            r_debug = r_debug_address(task.pid)
+            if r_debug is not None and link_map_state(mm.read, r_debug)[0] == 0:
+                self.starting[task] = STARTUP_STOPS
+
+    def _rtld_done(self, task: Task) -> bool:
+        """Whether the dynamic linker has finished starting the program (the link map is complete)."""
+        try:
+            r_debug = r_debug_address(task.pid)
+            if r_debug is None:
+                return True
+            r_map, r_state = link_map_state(task.mm.read, r_debug)
+        except OSError:
+            return True
+        return r_map != 0 and r_state == RT_CONSISTENT
+
+    def _syscall_stop(self, task: Task) -> None:
+        """A syscall-enter or -exit stop of a task in its start-up phase. After an mmap or mprotect that
+        made file code executable, the probes waiting for that file are armed before any of it runs (its
+        bytes are the file's from the mapping on; relocation writes only data). Every signal still goes
+        through the loop unchanged: a syscall stop is never one."""
+        task.state = TaskState.STOPPED
+        left = self.starting.get(task)
+        if left is not None:
+            try:
+                regs = pt.get_regs(task.tid)
+            except pt.PtraceError as err:
+                if not pt.is_gone(err):
+                    raise
+                return
+            result = int(regs.rax)
+            if (
+                result != ENTER_RAX
+                and regs.orig_rax in (inject.SYS_MMAP, SYS_MPROTECT)
+                and regs.rdx & inject.PROT_EXEC
+                and result < (1 << 64) - 4096  # not -errno
+            ):
+                self.listener.maps_changed(task.mm)
+            if left <= 1 or not self.listener.awaits_mappings(task.mm):
+                del self.starting[task]  # nothing left to arm early: the r_brk hook does the rest
+            else:
+                self.starting[task] = left - 1
+        self._resume(task)
 
     # ---- breakpoints ----------------------------------------------------------------------------
 
@@ -896,11 +965,18 @@ class Tracer:
                 self.pending.append((task.tid, (sig << 8) | 0x7F))
             return
         try:
-            pt.cont(task.tid, sig)
+            self._cont(task, sig)
             task.state = TaskState.RUNNING
         except pt.PtraceError as err:
             if not pt.is_gone(err):
                 raise
+
+    def _cont(self, task: Task, sig: int = 0) -> None:
+        """PTRACE_CONT, or PTRACE_SYSCALL while the task is in its start-up phase."""
+        if task in self.starting:
+            pt.syscall(task.tid, sig)
+        else:
+            pt.cont(task.tid, sig)
 
     # ---- leaving --------------------------------------------------------------------------------
 
@@ -977,9 +1053,9 @@ class Tracer:
                 self._exited(task, status)
                 continue
             task.state = TaskState.STOPPED
-            if status >> 16:
-                continue  # an event stop: nothing to deliver
             sig = (status >> 8) & 0xFF
+            if status >> 16 or sig == pt.SYSCALL_TRAP:
+                continue  # an event or syscall stop: nothing to deliver
             if sig == signal.SIGTRAP:
                 with contextlib.suppress(pt.PtraceError):
                     rip = pt.peek_user(tid, pt.RIP)
