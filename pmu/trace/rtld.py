@@ -23,6 +23,8 @@ _DEBUG_STATE = "_dl_debug_state"
 _R_DEBUG = "_r_debug"
 RT_CONSISTENT = 0
 """r_debug.r_state when the link map is complete (after start-up and after each dlopen/dlclose)."""
+RT_ADD = 1
+"""r_debug.r_state while objects are being added (start-up, dlopen)."""
 _R_DEBUG_LAYOUT = struct.Struct("<i4xQQi")
 """struct r_debug's head on x86-64: r_version, r_map, r_brk, r_state."""
 

@@ -25,7 +25,7 @@ from pmu.trace import ptrace_ops as pt
 from pmu.trace.maps import PAGE, free_gap_near
 from pmu.trace.patchsafety import PatchPlan
 from pmu.trace.relocate import SLOT_SIZE, build_slot, relocate_run
-from pmu.trace.rtld import RT_CONSISTENT, debug_state_address, link_map_state, r_debug_address
+from pmu.trace.rtld import RT_ADD, RT_CONSISTENT, debug_state_address, link_map_state, r_debug_address
 from pmu.trace.tasks import (
     AddressSpace,
     Breakpoint,
@@ -114,11 +114,13 @@ class Tracer:
         self._held: dict[int, int] = {}
         """Signals to deliver at detach, collected by `quiesce`."""
         self._stopped_by_us: dict[AddressSpace, list[Task]] = {}
-        self.starting: dict[Task, int] = {}
-        """Tasks between their exec and the dynamic linker's first RT_CONSISTENT r_brk, while a probe of
-        theirs waits for its file (-> syscall stops left). They are resumed with PTRACE_SYSCALL, so that
-        each library is armed as soon as its code is mapped: ld.so runs IFUNC resolvers and
-        __libc_early_init before r_brk first reports the libraries, and enable_on_exec counts them."""
+        self.starting: dict[Task, list[int]] = {}
+        """Tasks between their exec and the end of the dynamic linker's start-up, while a probe of theirs
+        waits for its file (-> [syscall stops left, whether r_brk has said RT_ADD]). They are resumed
+        with PTRACE_SYSCALL, so that each library is armed as soon as its code is mapped: ld.so runs IFUNC
+        resolvers and __libc_early_init before r_brk first reports the libraries, and enable_on_exec
+        counts them. Start-up ends at the first RT_CONSISTENT after an RT_ADD: an LD_AUDIT module's
+        namespace is reported RT_CONSISTENT before the program's libraries are even mapped."""
 
     # ---- starting -------------------------------------------------------------------------------
 
@@ -555,8 +557,13 @@ class Tracer:
     def _rtld_hit(self, task: Task) -> None:
         self.fs_base(task)  # the dynamic linker has set up the main thread's TLS by its second call
         self.listener.maps_changed(task.mm)
-        if task in self.starting and self._rtld_done(task):
-            del self.starting[task]
+        phase = self.starting.get(task)
+        if phase is not None:
+            state = self._rtld_state(task)
+            if state == RT_ADD:
+                phase[1] = 1
+            elif state is None or (state == RT_CONSISTENT and phase[1]):  # done (or cannot tell)
+                del self.starting[task]
 
     def _watch_startup(self, task: Task) -> None:
         """At an exec (or the start of a launched command): if the dynamic linker has not run yet and a
@@ -567,18 +574,18 @@ class Tracer:
         with contextlib.suppress(OSError):
             r_debug = r_debug_address(task.pid)
             if r_debug is not None and link_map_state(mm.read, r_debug)[0] == 0:
-                self.starting[task] = STARTUP_STOPS
+                self.starting[task] = [STARTUP_STOPS, 0]
 
-    def _rtld_done(self, task: Task) -> bool:
-        """Whether the dynamic linker has finished starting the program (the link map is complete)."""
+    def _rtld_state(self, task: Task) -> int | None:
+        """r_state of the program's link map (the base namespace's r_debug), None if unknown."""
         try:
             r_debug = r_debug_address(task.pid)
             if r_debug is None:
-                return True
+                return None
             r_map, r_state = link_map_state(task.mm.read, r_debug)
         except OSError:
-            return True
-        return r_map != 0 and r_state == RT_CONSISTENT
+            return None
+        return r_state if r_map else None
 
     def _syscall_stop(self, task: Task) -> None:
         """A syscall-enter or -exit stop of a task in its start-up phase. After an mmap or mprotect that
@@ -586,8 +593,8 @@ class Tracer:
         bytes are the file's from the mapping on; relocation writes only data). Every signal still goes
         through the loop unchanged: a syscall stop is never one."""
         task.state = TaskState.STOPPED
-        left = self.starting.get(task)
-        if left is not None:
+        phase = self.starting.get(task)
+        if phase is not None:
             try:
                 regs = pt.get_regs(task.tid)
             except pt.PtraceError as err:
@@ -602,10 +609,9 @@ class Tracer:
                 and result < (1 << 64) - 4096  # not -errno
             ):
                 self.listener.maps_changed(task.mm)
-            if left <= 1 or not self.listener.awaits_mappings(task.mm):
-                del self.starting[task]  # nothing left to arm early: the r_brk hook does the rest
-            else:
-                self.starting[task] = left - 1
+            phase[0] -= 1
+            if phase[0] <= 0:
+                del self.starting[task]  # enough: the r_brk hook does the rest, as without this phase
         self._resume(task)
 
     # ---- breakpoints ----------------------------------------------------------------------------
