@@ -16,6 +16,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissionError
@@ -57,6 +58,15 @@ SYS_MPROTECT = 10
 ENTER_RAX = -errno.ENOSYS & 0xFFFFFFFFFFFFFFFF
 """rax at a syscall-enter stop (x86-64 sets it before the stop); an exit stop holds the result."""
 NEAR = (1 << 31) - AREA_SIZE - PAGE
+
+
+@dataclass
+class StartUp:
+    """Where a task is in the dynamic linker's start-up (see Tracer.starting)."""
+
+    stops_left: int = STARTUP_STOPS
+    added: bool = False
+    """r_brk has reported RT_ADD for the program's link map: the next RT_CONSISTENT ends start-up."""
 
 
 class TraceListener(Protocol):
@@ -114,9 +124,9 @@ class Tracer:
         self._held: dict[int, int] = {}
         """Signals to deliver at detach, collected by `quiesce`."""
         self._stopped_by_us: dict[AddressSpace, list[Task]] = {}
-        self.starting: dict[Task, list[int]] = {}
+        self.starting: dict[Task, StartUp] = {}
         """Tasks between their exec and the end of the dynamic linker's start-up, while a probe of theirs
-        waits for its file (-> [syscall stops left, whether r_brk has said RT_ADD]). They are resumed
+        waits for its file. They are resumed
         with PTRACE_SYSCALL, so that each library is armed as soon as its code is mapped: ld.so runs IFUNC
         resolvers and __libc_early_init before r_brk first reports the libraries, and enable_on_exec
         counts them. Start-up ends at the first RT_CONSISTENT after an RT_ADD: an LD_AUDIT module's
@@ -560,10 +570,12 @@ class Tracer:
         phase = self.starting.get(task)
         if phase is not None:
             state = self._rtld_state(task)
-            if state == RT_ADD:
-                phase[1] = 1
-            elif state is None or (state == RT_CONSISTENT and phase[1]):  # done (or cannot tell)
-                del self.starting[task]
+            if state is None:
+                del self.starting[task]  # cannot tell: r_brk alone arms, as without this phase
+            elif state == (1, RT_ADD):
+                phase.added = True
+            elif state == (1, RT_CONSISTENT) and phase.added:
+                del self.starting[task]  # start-up is over
 
     def _watch_startup(self, task: Task) -> None:
         """At an exec (or the start of a launched command): if the dynamic linker has not run yet and a
@@ -574,10 +586,11 @@ class Tracer:
         with contextlib.suppress(OSError):
             r_debug = r_debug_address(task.pid)
             if r_debug is not None and link_map_state(mm.read, r_debug)[0] == 0:
-                self.starting[task] = [STARTUP_STOPS, 0]
+                self.starting[task] = StartUp()
 
-    def _rtld_state(self, task: Task) -> int | None:
-        """r_state of the program's link map (the base namespace's r_debug), None if unknown."""
+    def _rtld_state(self, task: Task) -> tuple[int, int] | None:
+        """(whether ld.so has begun the program's link map, its r_state): from the base namespace's
+        r_debug; None if unknown."""
         try:
             r_debug = r_debug_address(task.pid)
             if r_debug is None:
@@ -585,7 +598,7 @@ class Tracer:
             r_map, r_state = link_map_state(task.mm.read, r_debug)
         except OSError:
             return None
-        return r_state if r_map else None
+        return int(r_map != 0), r_state
 
     def _syscall_stop(self, task: Task) -> None:
         """A syscall-enter or -exit stop of a task in its start-up phase. After an mmap or mprotect that
@@ -609,8 +622,8 @@ class Tracer:
                 and result < (1 << 64) - 4096  # not -errno
             ):
                 self.listener.maps_changed(task.mm)
-            phase[0] -= 1
-            if phase[0] <= 0:
+            phase.stops_left -= 1
+            if phase.stops_left <= 0:
                 del self.starting[task]  # enough: the r_brk hook does the rest, as without this phase
         self._resume(task)
 
