@@ -21,6 +21,7 @@ PTRACE_PEEKUSER = 3
 PTRACE_POKEUSER = 6
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
+PTRACE_SYSCALL = 24
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
@@ -41,7 +42,11 @@ O_TRACEVFORKDONE = 0x20
 O_TRACEEXIT = 0x40
 O_EXITKILL = 0x100000
 
-TRACE_OPTIONS = O_TRACEFORK | O_TRACEVFORK | O_TRACECLONE | O_TRACEEXEC | O_TRACEEXIT
+TRACE_OPTIONS = O_TRACESYSGOOD | O_TRACEFORK | O_TRACEVFORK | O_TRACECLONE | O_TRACEEXEC | O_TRACEEXIT
+
+SYSCALL_TRAP = 0x80 | 5  # SIGTRAP
+"""WSTOPSIG of a syscall-enter or syscall-exit stop (SIGTRAP | 0x80 with TRACESYSGOOD), which only a
+PTRACE_SYSCALL resume produces: never a signal to deliver."""
 
 # Events, as reported in status >> 16.
 EVENT_FORK = 1
@@ -130,6 +135,11 @@ def listen(tid: int) -> None:
 
 def cont(tid: int, sig: int = 0) -> None:
     _ptrace(PTRACE_CONT, tid, 0, sig)
+
+
+def syscall(tid: int, sig: int = 0) -> None:
+    """Resume like cont, but stop at the next syscall entry or exit (reported as SYSCALL_TRAP)."""
+    _ptrace(PTRACE_SYSCALL, tid, 0, sig)
 
 
 def singlestep(tid: int, sig: int = 0) -> None:

@@ -16,6 +16,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissionError
@@ -25,7 +26,7 @@ from pmu.trace import ptrace_ops as pt
 from pmu.trace.maps import PAGE, free_gap_near
 from pmu.trace.patchsafety import PatchPlan
 from pmu.trace.relocate import SLOT_SIZE, build_slot, relocate_run
-from pmu.trace.rtld import debug_state_address
+from pmu.trace.rtld import RT_ADD, RT_CONSISTENT, debug_state_address, link_map_state, r_debug_address
 from pmu.trace.tasks import (
     AddressSpace,
     Breakpoint,
@@ -50,7 +51,22 @@ PUSHF = b"\x9c"
 POPF = b"\x9d"
 TRAP_FLAG = 0x100
 AREA_SIZE = 16 * PAGE
+STARTUP_STOPS = 20000
+"""Syscall stops a task may make in its start-up phase (see Tracer.starting) before it is resumed with
+PTRACE_CONT anyway: a bound on the cost should the dynamic linker never say it is done."""
+SYS_MPROTECT = 10
+ENTER_RAX = -errno.ENOSYS & 0xFFFFFFFFFFFFFFFF
+"""rax at a syscall-enter stop (x86-64 sets it before the stop); an exit stop holds the result."""
 NEAR = (1 << 31) - AREA_SIZE - PAGE
+
+
+@dataclass
+class StartUp:
+    """Where a task is in the dynamic linker's start-up (see Tracer.starting)."""
+
+    stops_left: int = STARTUP_STOPS
+    added: bool = False
+    """r_brk has reported RT_ADD for the program's link map: the next RT_CONSISTENT ends start-up."""
 
 
 class TraceListener(Protocol):
@@ -108,6 +124,13 @@ class Tracer:
         self._held: dict[int, int] = {}
         """Signals to deliver at detach, collected by `quiesce`."""
         self._stopped_by_us: dict[AddressSpace, list[Task]] = {}
+        self.starting: dict[Task, StartUp] = {}
+        """Tasks between their exec and the end of the dynamic linker's start-up, while a probe of theirs
+        waits for its file. They are resumed
+        with PTRACE_SYSCALL, so that each library is armed as soon as its code is mapped: ld.so runs IFUNC
+        resolvers and __libc_early_init before r_brk first reports the libraries, and enable_on_exec
+        counts them. Start-up ends at the first RT_CONSISTENT after an RT_ADD: an LD_AUDIT module's
+        namespace is reported RT_CONSISTENT before the program's libraries are even mapped."""
 
     # ---- starting -------------------------------------------------------------------------------
 
@@ -220,6 +243,7 @@ class Tracer:
         if self.listener.awaits_mappings(task.mm):
             self._hook_rtld(task)
         self.listener.maps_changed(task.mm)
+        self._watch_startup(task)
         for t in list(task.mm.tasks):
             if t.state is TaskState.STOPPED:
                 self._resume(t)
@@ -289,6 +313,8 @@ class Tracer:
             if event == 0:
                 if sig == signal.SIGTRAP:
                     self._trap(task)
+                elif sig == pt.SYSCALL_TRAP:
+                    self._syscall_stop(task)
                 else:
                     self._signal(task, sig)
             else:
@@ -306,7 +332,7 @@ class Tracer:
             if returned and pt.siginfo_code(tid)[1] == pt.SI_KERNEL:
                 task.state = TaskState.STOPPED
                 pt.poke_user(tid, pt.RIP, self._returned(task))
-                pt.cont(tid, 0)
+                self._cont(task)
                 task.state = TaskState.RUNNING
                 return
             if bp is not None or (rip - 1) in task.mm.removed:
@@ -319,7 +345,7 @@ class Tracer:
                         for consumer in bp.consumers:
                             consumer(task)
                         pt.poke_user(tid, pt.RIP, bp.slot)
-                    pt.cont(tid, 0)
+                    self._cont(task)
                     task.state = TaskState.RUNNING
                     return
             task.state = TaskState.STOPPED
@@ -476,6 +502,7 @@ class Tracer:
                 if other.state not in (TaskState.EXITED, TaskState.EXITING):
                     self.listener.task_exit(other)
                 self._forget(other)
+        self.starting.pop(task, None)
         self._exec_mm(task)
         self.listener.task_exec(task, former)
         if not self.listener.wants(task):
@@ -484,6 +511,7 @@ class Tracer:
             return None
         self._hook_rtld(task)
         self.listener.maps_changed(task.mm)
+        self._watch_startup(task)
         return task
 
     def _exec_mm(self, task: Task) -> None:
@@ -505,6 +533,7 @@ class Tracer:
         self._forget(task)
 
     def _forget(self, task: Task) -> None:
+        self.starting.pop(task, None)
         if task.state is not TaskState.EXITED:
             task.remember_comm()
         task.state = TaskState.EXITED
@@ -539,6 +568,65 @@ class Tracer:
     def _rtld_hit(self, task: Task) -> None:
         self.fs_base(task)  # the dynamic linker has set up the main thread's TLS by its second call
         self.listener.maps_changed(task.mm)
+        phase = self.starting.get(task)
+        if phase is not None:
+            state = self._rtld_state(task)
+            if state is None:
+                del self.starting[task]  # cannot tell: r_brk alone arms, as without this phase
+            elif state == (1, RT_ADD):
+                phase.added = True
+            elif state == (1, RT_CONSISTENT) and phase.added:
+                del self.starting[task]  # start-up is over
+
+    def _watch_startup(self, task: Task) -> None:
+        """At an exec (or the start of a launched command): if the dynamic linker has not run yet and a
+        probe waits for its file, follow the task's syscalls until ld.so is done (see `starting`)."""
+        mm = task.mm
+        if "r_brk" not in mm.internal.values() or not self.listener.awaits_mappings(mm):
+            return
+        with contextlib.suppress(OSError):
+            r_debug = r_debug_address(task.pid)
+            if r_debug is not None and link_map_state(mm.read, r_debug)[0] == 0:
+                self.starting[task] = StartUp()
+
+    def _rtld_state(self, task: Task) -> tuple[int, int] | None:
+        """(whether ld.so has begun the program's link map, its r_state): from the base namespace's
+        r_debug; None if unknown."""
+        try:
+            r_debug = r_debug_address(task.pid)
+            if r_debug is None:
+                return None
+            r_map, r_state = link_map_state(task.mm.read, r_debug)
+        except OSError:
+            return None
+        return int(r_map != 0), r_state
+
+    def _syscall_stop(self, task: Task) -> None:
+        """A syscall-enter or -exit stop of a task in its start-up phase. After an mmap or mprotect that
+        made file code executable, the probes waiting for that file are armed before any of it runs (its
+        bytes are the file's from the mapping on; relocation writes only data). Every signal still goes
+        through the loop unchanged: a syscall stop is never one."""
+        task.state = TaskState.STOPPED
+        phase = self.starting.get(task)
+        if phase is not None:
+            try:
+                regs = pt.get_regs(task.tid)
+            except pt.PtraceError as err:
+                if not pt.is_gone(err):
+                    raise
+                return
+            result = int(regs.rax)
+            if (
+                result != ENTER_RAX
+                and regs.orig_rax in (inject.SYS_MMAP, SYS_MPROTECT)
+                and regs.rdx & inject.PROT_EXEC
+                and result < (1 << 64) - 4096  # not -errno
+            ):
+                self.listener.maps_changed(task.mm)
+            phase.stops_left -= 1
+            if phase.stops_left <= 0:
+                del self.starting[task]  # enough: the r_brk hook does the rest, as without this phase
+        self._resume(task)
 
     # ---- breakpoints ----------------------------------------------------------------------------
 
@@ -966,11 +1054,18 @@ class Tracer:
                 self.pending.append((task.tid, (sig << 8) | 0x7F))
             return
         try:
-            pt.cont(task.tid, sig)
+            self._cont(task, sig)
             task.state = TaskState.RUNNING
         except pt.PtraceError as err:
             if not pt.is_gone(err):
                 raise
+
+    def _cont(self, task: Task, sig: int = 0) -> None:
+        """PTRACE_CONT, or PTRACE_SYSCALL while the task is in its start-up phase."""
+        if task in self.starting:
+            pt.syscall(task.tid, sig)
+        else:
+            pt.cont(task.tid, sig)
 
     # ---- leaving --------------------------------------------------------------------------------
 
@@ -1047,9 +1142,9 @@ class Tracer:
                 self._exited(task, status)
                 continue
             task.state = TaskState.STOPPED
-            if status >> 16:
-                continue  # an event stop: nothing to deliver
             sig = (status >> 8) & 0xFF
+            if status >> 16 or sig == pt.SYSCALL_TRAP:
+                continue  # an event or syscall stop: nothing to deliver
             if sig == signal.SIGTRAP:
                 with contextlib.suppress(pt.PtraceError):
                     rip = pt.peek_user(tid, pt.RIP)

@@ -234,28 +234,79 @@ def test_another_users_process(spin):
     spin.finish()
 
 
-def test_full_disk_restores_and_detaches(spin, tmp_path):
-    """pmu's own failure mid-run (the output disk fills up) still leaves the process as it was."""
+FILL_HITS = 20_000
+"""Hits the full-disk target makes: about 1 MB of Parquet (six random words a record), 15 times the
+disk, in either engine."""
+
+
+class Fill(Spin):
+    """tests/targets/fill.c: FILL_HITS calls of work once the probe is in, then blocks until finish()."""
+
+    def __init__(self, exe, hits: int) -> None:
+        self.exe = str(exe)
+        self.proc = subprocess.Popen([self.exe, str(hits)], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline() == "ready\n"
+        self.pid = self.proc.pid
+
+    def done(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline()
+
+
+def test_full_disk_restores_and_detaches(build, tmp_path):
+    """pmu's own failure mid-run (the output disk fills up) still leaves the process as it was.
+
+    Nothing depends on speed: the target makes a fixed number of hits once the probe is in, far more
+    than the disk holds, then blocks; the run ends when the command (cat of pmu's stdin) sees EOF, which
+    the test gives only after the target said it was done."""
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a tiny tmpfs")
     disk = tmp_path / "tiny"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]).returncode:
         pytest.skip("cannot mount tmpfs")
+    fill = Fill(build("fill"), FILL_HITS)
     try:
-        code_before, maps_before = spin.code(), spin.maps()
+        code_before, maps_before = fill.code(), fill.maps()
         out = disk / "big.parquet"
-        r = run_pmu(
-            "record", "-o", out, "--args", "6", "-p", spin.pid, "-e", "uprobe:work", "--", "sleep", "3"
+        argv = [
+            "record",
+            "-o",
+            str(out),
+            "--args",
+            "6",
+            "-p",
+            str(fill.pid),
+            "-e",
+            "uprobe:work",
+            "--",
+            "cat",
+        ]
+        if NO_OPTIMIZE:
+            argv.insert(1, "--no-optimize")
+        pmu = subprocess.Popen(
+            [sys.executable, "-m", "pmu", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        assert r.returncode == 2, r.stderr
-        assert r.stderr.strip().splitlines()[-1] == f"pmu: cannot write {out}: No space left on device"
-        assert "Traceback" not in r.stderr
-        assert spin.tracer() == 0
-        assert spin.code() == code_before
-        assert spin.maps() == maps_before
-        spin.finish()
+        try:
+            assert fill.done() == "done armed=1\n"  # every hit made with the probe in place
+            _, stderr = pmu.communicate(input="", timeout=120)  # EOF: cat exits, the run ends
+        finally:
+            if pmu.poll() is None:
+                pmu.kill()
+        assert pmu.returncode == 2, stderr
+        assert stderr.strip().splitlines()[-1] == f"pmu: cannot write {out}: No space left on device"
+        assert "Traceback" not in stderr
+        assert fill.tracer() == 0
+        assert fill.code() == code_before
+        assert fill.maps() == maps_before
+        assert fill.finish().strip() == f"total={FILL_HITS} bad=0"
     finally:
+        fill.kill()
         subprocess.run(["umount", str(disk)])
 
 
