@@ -20,11 +20,10 @@ imported inside the plot functions only, so importing this module does not pay f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
@@ -51,7 +50,11 @@ PERCENTILES = (50, 90, 99)
 
 _PREFIX = "pmu."
 _JSON_KEYS = frozenset({"command", "events", "lost_per_event", "hits_per_event"})
-_INT_KEYS = frozenset({"schema_version", "lost", "start_monotonic_ns", "sample_period"})
+_INT_KEYS = frozenset({"schema_version", "lost", "start_monotonic_ns", "sample_period", "clock_error_ns"})
+_COUNT_KEYS = frozenset({"lost", "clock_error_ns"})
+"""Integer keys that are never negative (sample_period is at least 1)."""
+_INTEGER_COLUMNS = ("time_ns", "pid", "tid", "ip", "retval", "latency_ns")
+"""Columns that must hold integers (so must every argN)."""
 _NULLABLE = {
     pa.int8(): pd.Int8Dtype(),
     pa.int16(): pd.Int16Dtype(),
@@ -152,9 +155,10 @@ def load(path: str | os.PathLike[str] = DEFAULT_PATH) -> pd.DataFrame:
                 # pmu record writes its metadata into the Parquet footer at close, after the Arrow
                 # schema was stored: read the footer's key-value pairs, not only the schema's.
                 raw = {**(parquet.schema_arrow.metadata or {}), **(parquet.metadata.metadata or {})}
-                meta = _decode_metadata(raw)
-                _check(name, meta, parquet.schema_arrow.names)
+                meta = _decode_metadata(name, raw)
+                _check(name, meta, parquet.schema_arrow)
                 table = parquet.read()
+                _check_nulls(name, table)
             except pa.ArrowException as err:
                 text = str(err)
                 if "magic bytes" in text or "size is 0" in text:
@@ -180,27 +184,54 @@ def load(path: str | os.PathLike[str] = DEFAULT_PATH) -> pd.DataFrame:
     return df
 
 
-def _decode_metadata(raw: dict[bytes, bytes]) -> dict[str, Any]:
+def _decode_metadata(name: str, raw: dict[bytes, bytes]) -> dict[str, Any]:
     """`pmu.*` keys without the prefix; JSON values decoded, versions and counts as ints, the rest as
-    strings (a value that does not decode is kept as the string stored)."""
+    strings. FileError for a value pmu record would never have written (not UTF-8, not JSON, not an
+    integer where one belongs, a JSON value of the wrong shape): a report made of it would be wrong."""
     meta: dict[str, Any] = {}
     for k, v in raw.items():
         key = k.decode("utf-8", "replace")
         if not key.startswith(_PREFIX):
             continue
         key = key[len(_PREFIX) :]
-        value: Any = v.decode("utf-8", "replace")
-        if key in _JSON_KEYS:
-            with contextlib.suppress(ValueError):
-                value = json.loads(value)
-        elif key in _INT_KEYS:
-            with contextlib.suppress(ValueError):
-                value = int(value)
+        try:
+            text = v.decode("utf-8")
+            value: Any = text
+            if key in _JSON_KEYS:
+                value = json.loads(text)
+            elif key in _INT_KEYS:
+                value = int(text)
+        except ValueError:
+            raise _corrupt(name, key, v) from None
+        if not _well_formed(key, value):
+            raise _corrupt(name, key, v)
         meta[key] = value
     return meta
 
 
-def _check(name: str, meta: dict[str, Any], columns: Sequence[str]) -> None:
+def _corrupt(name: str, key: str, raw: bytes) -> FileError:
+    shown = raw[:40].decode("utf-8", "replace") + ("..." if len(raw) > 40 else "")
+    return FileError(f"cannot read {name}: corrupt metadata (pmu.{key} is {shown!r})")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _well_formed(key: str, value: Any) -> bool:
+    """Whether a decoded metadata value has the shape pmu record writes."""
+    if key in ("command", "events"):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if key in ("lost_per_event", "hits_per_event"):
+        return isinstance(value, dict) and all(_is_count(v) for v in value.values())
+    if key == "sample_period":
+        return _is_count(value) and value >= 1
+    if key in _COUNT_KEYS:
+        return _is_count(value)
+    return True
+
+
+def _check(name: str, meta: dict[str, Any], schema: pa.Schema) -> None:
     version = meta.get("schema_version")
     if version is None:
         raise FileError(f"cannot read {name}: not a pmu recording (no pmu.schema_version in its metadata)")
@@ -208,9 +239,29 @@ def _check(name: str, meta: dict[str, Any], columns: Sequence[str]) -> None:
         raise FileError(
             f"cannot read {name}: recording schema version {version}, this pmu reads version {SCHEMA_VERSION}"
         )
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise FileError(f"cannot read {name}: not a pmu recording (no column {', '.join(missing)})")
+    for field in schema:
+        arg = field.name.startswith("arg") and field.name[3:].isdigit()
+        integer = field.name in _INTEGER_COLUMNS or arg
+        if integer and not pa.types.is_integer(field.type):
+            raise FileError(f"cannot read {name}: column {field.name} is {field.type}, not integers")
+        if field.name == "event" and not _is_text(field.type):
+            raise FileError(f"cannot read {name}: column event is {field.type}, not event names")
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def _check_nulls(name: str, table: pa.Table) -> None:
+    """Every row of a recording has a time, a process, a thread, an event and an address."""
+    for column in REQUIRED_COLUMNS:
+        if table.column(column).null_count:
+            raise FileError(f"cannot read {name}: column {column} has empty values")
 
 
 # --- computing ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -196,6 +197,55 @@ def test_parquet_that_is_not_a_recording(tmp_path: Path) -> None:
     assert_one_line_error(
         r, "cannot read x.parquet: not a pmu recording (no pmu.schema_version in its metadata)"
     )
+
+
+def test_corrupt_metadata_is_a_one_line_error(tmp_path: Path) -> None:
+    write_recording(tmp_path / "c.parquet", [1, 2], [1, 1], [ENTRY] * 2, metadata={"pmu.lost": "-3"})
+    r = run_pmu("report", "-i", "c.parquet", cwd=str(tmp_path))
+    assert_one_line_error(r, "cannot read c.parquet: corrupt metadata (pmu.lost is '-3')")
+
+
+def test_wrong_column_types_are_a_one_line_error(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "time_ns": pa.array(["a", "b"]),
+            "pid": pa.array([1, 1], pa.int32()),
+            "tid": pa.array([1, 1], pa.int32()),
+            "event": pa.array(["e", "e"]),
+            "ip": pa.array([0, 0], pa.uint64()),
+        }
+    )
+    with pq.ParquetWriter(tmp_path / "t.parquet", table.schema) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata({"pmu.schema_version": "1"})
+    for fmt in ("text", "csv", "json"):
+        r = run_pmu("report", "-i", "t.parquet", "--format", fmt, cwd=str(tmp_path))
+        assert_one_line_error(r, "cannot read t.parquet: column time_ns is string, not integers")
+
+
+@pytest.mark.parametrize("fmt", ["text", "csv", "json"])
+def test_reader_gone_ends_quietly(tmp_path: Path, fmt: str) -> None:
+    """`pmu report | head`: the reader goes away; pmu report ends by SIGPIPE as cat does, no message.
+    The pipe's read end is closed before pmu starts, so every write fails, whatever the machine's speed."""
+    n = 5000  # a report far bigger than a pipe's buffer
+    path = write_recording(tmp_path / "big.parquet", list(range(n)), list(range(n)), [ENTRY] * n)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "pmu", "report", "-i", str(path), "--format", fmt],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert r.stderr == ""
+    assert r.returncode == -signal.SIGPIPE  # 141 in a shell, as `cat big | head` or `perf report | head`
 
 
 def test_bad_format_is_a_usage_error(rec: Path) -> None:

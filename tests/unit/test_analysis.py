@@ -246,6 +246,77 @@ def test_load_missing_column(tmp_path: Path) -> None:
         analysis.load(path)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("pmu.hits_per_event", "{broken"),
+        ("pmu.hits_per_event", json.dumps({ENTRY: -1})),
+        ("pmu.hits_per_event", json.dumps([1, 2])),
+        ("pmu.lost_per_event", json.dumps({ENTRY: "many"})),
+        ("pmu.sample_period", "ten"),
+        ("pmu.sample_period", "0"),
+        ("pmu.lost", "-3"),
+        ("pmu.events", json.dumps({"a": 1})),
+        ("pmu.command", "not json"),
+        ("pmu.start_monotonic_ns", "12:00"),
+    ],
+)
+def test_load_corrupt_metadata(tmp_path: Path, key: str, value: str) -> None:
+    path = write_recording(tmp_path / "f.parquet", [1, 2], [1, 1], [ENTRY, ENTRY], metadata={key: value})
+    with pytest.raises(FileError) as e:
+        analysis.load(path)
+    assert e.value.message == f"cannot read {path}: corrupt metadata ({key} is {value!r})"
+
+
+def test_load_metadata_not_utf8(tmp_path: Path) -> None:
+    path = write_recording(tmp_path / "f.parquet", [1], [1], [ENTRY])
+    table = pq.read_table(path)
+    bad = {b"pmu.schema_version": b"1", b"pmu.command": b'["\xff"]', b"pmu.start_time": b"\xff\xfe"}
+    with pq.ParquetWriter(path, table.schema) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata(bad)
+    with pytest.raises(FileError, match="corrupt metadata \\(pmu.start_time is "):
+        analysis.load(path)
+
+
+def _table_with(column: str, values: pa.Array) -> pa.Table:
+    columns = {
+        "time_ns": pa.array([1, 2], pa.int64()),
+        "pid": pa.array([1, 1], pa.int32()),
+        "tid": pa.array([1, 1], pa.int32()),
+        "event": pa.array(["e", "e"]),
+        "ip": pa.array([0, 0], pa.uint64()),
+    }
+    columns[column] = values
+    return pa.table(columns).replace_schema_metadata({"pmu.schema_version": "1"})
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("time_ns", pa.array(["a", "b"]), "column time_ns is string, not integers"),
+        ("pid", pa.array([1.5, 2.0]), "column pid is double, not integers"),
+        ("ip", pa.array([True, False]), "column ip is bool, not integers"),
+        ("event", pa.array([1, 2]), "column event is int64, not event names"),
+        ("arg0", pa.array(["x", "y"]), "column arg0 is string, not integers"),
+        ("latency_ns", pa.array([0.5, None]), "column latency_ns is double, not integers"),
+        ("tid", pa.array([1, None], pa.int32()), "column tid has empty values"),
+    ],
+)
+def test_load_wrong_column_types(tmp_path: Path, column: str, values: pa.Array, message: str) -> None:
+    path = tmp_path / "f.parquet"
+    pq.write_table(_table_with(column, values), path)
+    with pytest.raises(FileError) as e:
+        analysis.load(path)
+    assert e.value.message == f"cannot read {path}: {message}"
+
+
+def test_load_accepts_other_integer_widths_and_plain_strings(tmp_path: Path) -> None:
+    path = tmp_path / "f.parquet"
+    pq.write_table(_table_with("pid", pa.array([1, 1], pa.int64())), path)
+    assert list(analysis.load(path)["pid"]) == [1, 1]
+
+
 # --- rates, gaps, latency ----------------------------------------------------------------------------
 
 
