@@ -94,7 +94,8 @@ class ThreadSummary(TypedDict):
     duration_s: float
     """From the thread's first hit of the event to its last."""
     rate_hz: float | None
-    """count / duration_s; None when the duration is 0 (a single hit)."""
+    """Hits per second: count times the sample period, over duration_s; None when the duration is 0
+    (a single record)."""
 
 
 class EventSummary(TypedDict):
@@ -104,13 +105,14 @@ class EventSummary(TypedDict):
     count: int
     """Records of the event (rows of the file)."""
     hits: int
-    """Hits counted by the recorder (`pmu.hits_per_event`); `count` when the file does not say."""
+    """Hits counted by the recorder (`pmu.hits_per_event`); count times the sample period when the file
+    does not say."""
     lost: int
     """Records of this event lost by the recorder (`pmu.lost_per_event`)."""
     duration_s: float
     """From the event's first hit to its last, in any thread."""
     rate_hz: float | None
-    """count / duration_s; None when the duration is 0."""
+    """Hits per second: `hits` over duration_s; None when the duration is 0."""
     interarrival_ns: Percentiles | None
     """Percentiles of the gaps between consecutive hits of one thread, pooled over threads."""
     return_probe: bool
@@ -282,16 +284,26 @@ def interval_ns(interval: str | int | pd.Timedelta) -> int:
     return ns
 
 
+def sample_period(df: pd.DataFrame) -> int:
+    """One row of the recording stands for this many hits (`pmu record -c PERIOD`); 1 when the file
+    does not say (a frame built by hand)."""
+    period = df.attrs.get("pmu", {}).get("sample_period")
+    return period if isinstance(period, int) and not isinstance(period, bool) and period >= 1 else 1
+
+
 def rates(df: pd.DataFrame, interval: str | int | pd.Timedelta = "100ms") -> pd.DataFrame:
-    """Hits per second of each thread, per time bin: columns event, pid, tid, time_s, hits, rate.
+    """Hits per second of each thread, per time bin: columns event, pid, tid, time_s, records, hits, rate.
 
     Bins are `interval` wide and start at the recording's first hit (time_s is a bin's start, in s
     since that hit); every thread that hit an event has a row for every bin up to the last hit, zeros
-    included, so a thread's series plots as is. rate = hits / interval (the last bin may be partial).
+    included, so a thread's series plots as is. `records` are the rows in the bin, `hits` the hits they
+    stand for (records times the sample period, see `sample_period`), rate = hits / interval (the last
+    bin may be partial).
     """
     step = interval_ns(interval)
+    period = sample_period(df)
     df = _events(df)
-    columns = ["event", "pid", "tid", "time_s", "hits", "rate"]
+    columns = ["event", "pid", "tid", "time_s", "records", "hits", "rate"]
     if df.empty:
         return pd.DataFrame(
             {c: pd.Series(dtype=df["event"].dtype if c == "event" else "int64") for c in columns}
@@ -302,7 +314,8 @@ def rates(df: pd.DataFrame, interval: str | int | pd.Timedelta = "100ms") -> pd.
     frames = []
     for key, index in df.groupby(_THREAD_KEYS, observed=True, sort=True).indices.items():
         event, pid, tid = cast(tuple[Any, Any, Any], key)
-        hits = np.bincount(bins[index], minlength=nbins)
+        records = np.bincount(bins[index], minlength=nbins).astype(np.int64)
+        hits = records * period
         frames.append(
             pd.DataFrame(
                 {
@@ -310,7 +323,8 @@ def rates(df: pd.DataFrame, interval: str | int | pd.Timedelta = "100ms") -> pd.
                     "pid": np.full(nbins, pid, dtype=np.int64),
                     "tid": np.full(nbins, tid, dtype=np.int64),
                     "time_s": np.arange(nbins, dtype=np.int64) * step / 1e9,
-                    "hits": hits.astype(np.int64),
+                    "records": records,
+                    "hits": hits,
                     "rate": hits / (step / 1e9),
                 }
             )
@@ -379,7 +393,11 @@ def is_return_probe(event: str) -> bool:
 
 def summary(df: pd.DataFrame) -> Summary:
     """Per event: count, duration, hits/s, inter-arrival p50/p90/p99, latency percentiles of return
-    probes, lost records, and per thread: count, duration, hits/s. JSON-serializable as is."""
+    probes, lost records, and per thread: count, duration, hits/s. JSON-serializable as is.
+
+    Rates are hits per second, whatever the sample period: an event's is its exact hit count over the
+    time its records span; a thread's, its records times the sample period over its own span (records
+    lost to a full ring are not in a thread's rate: the file does not say whose they were)."""
     df = _events(df)
     meta: dict[str, Any] = dict(df.attrs.get("pmu", {}))
     hits_meta = meta.get("hits_per_event") if isinstance(meta.get("hits_per_event"), dict) else {}
@@ -387,6 +405,7 @@ def summary(df: pd.DataFrame) -> Summary:
     assert isinstance(hits_meta, dict) and isinstance(lost_meta, dict)
     gaps = interarrival(df)
     lat = latency(df)
+    period = sample_period(df)
     threads = df.groupby(_THREAD_KEYS, observed=True)["time_ns"].agg(["count", "min", "max"]).reset_index()
     events: list[EventSummary] = []
     for name in _event_names(df, meta):
@@ -412,18 +431,19 @@ def summary(df: pd.DataFrame) -> Summary:
                     tid=int(tid),
                     count=int(n),
                     duration_s=t_duration,
-                    rate_hz=_rate(int(n), t_duration),
+                    rate_hz=_rate(int(n) * period, t_duration),
                 )
             )
         per_thread.sort(key=lambda t: (-t["count"], t["pid"], t["tid"]))
+        hits = int(hits_meta.get(name, count * period))
         events.append(
             EventSummary(
                 event=name,
                 count=count,
-                hits=int(hits_meta.get(name, count)),
+                hits=hits,
                 lost=int(lost_meta.get(name, 0)),
                 duration_s=duration,
-                rate_hz=_rate(count, duration),
+                rate_hz=_rate(hits, duration),
                 interarrival_ns=_percentiles(gaps.loc[gaps["event"] == name, "gap_ns"].to_numpy(np.int64)),
                 return_probe=is_return_probe(name) or len(own_lat) > 0,
                 latency_ns=None if latency_pct is None else LatencySummary(count=len(own_lat), **latency_pct),
@@ -433,7 +453,7 @@ def summary(df: pd.DataFrame) -> Summary:
     lost = meta.get("lost")
     if not isinstance(lost, int):
         lost = sum(int(v) for v in lost_meta.values())
-    period = meta.get("sample_period")
+    stated_period = meta.get("sample_period")
     command = meta.get("command")
     start = meta.get("start_time")
     path = df.attrs.get("path")
@@ -444,7 +464,7 @@ def summary(df: pd.DataFrame) -> Summary:
         records=len(df),
         duration_s=float(df["time_ns"].max() - df["time_ns"].min()) / 1e9 if len(df) else 0.0,
         lost=lost,
-        sample_period=period if isinstance(period, int) else None,
+        sample_period=stated_period if isinstance(stated_period, int) else None,
         events=events,
     )
 

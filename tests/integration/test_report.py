@@ -356,3 +356,39 @@ def test_record_then_report(build: Any, tmp_path: Path) -> None:
     text = run_pmu("report", "-i", out)
     assert text.returncode == 0, text.stderr
     assert f"# Event: uprobe:{mt}:work\n# Samples: 10,000 of event" in text.stdout
+
+
+def test_rates_count_hits_with_a_sample_period(build: Any, tmp_path: Path) -> None:
+    """`record -c 10` keeps one row in 10: `pmu report` still gives hits per second, in text, CSV, JSON
+    and the rate series of the plots. The truth comes from the target: each call of work() is stamped
+    with CLOCK_MONOTONIC before and after, so the hits between the first and the last record are known."""
+    recpath = build("recpath")
+    out = tmp_path / "c10.parquet"
+    n = 3000
+    r = run_pmu("record", "-c", "10", "-o", out, "-e", f"uprobe:{recpath}:work", "--", recpath, "stamp", n)
+    assert r.returncode == 0, r.stderr
+    stamps = np.array([[int(x) for x in line.split()[2:]] for line in r.stdout.splitlines()])
+    assert len(stamps) == n
+    df = analysis.load(out)
+    assert len(df) == n // 10
+    first, last = int(df["time_ns"].min()), int(df["time_ns"].max())
+    middle = stamps.mean(axis=1)
+    true_rate = (np.count_nonzero((middle >= first) & (middle <= last)) - 1) / ((last - first) / 1e9)
+
+    rep = run_pmu("report", "-i", out, "--format", "json")
+    assert rep.returncode == 0, rep.stderr
+    (ev,) = json.loads(rep.stdout)["events"]
+    assert ev["count"] == n // 10 and ev["hits"] == n
+    assert ev["rate_hz"] == pytest.approx(true_rate, rel=0.01)  # not a tenth of it
+    (th,) = ev["threads"]
+    assert th["rate_hz"] == pytest.approx(true_rate, rel=0.01)
+
+    rows = list(csv.DictReader(io.StringIO(run_pmu("report", "-i", out, "--format", "csv").stdout)))
+    assert [float(row["rate_hz"]) for row in rows] == [ev["rate_hz"], th["rate_hz"]]
+    text = run_pmu("report", "-i", out).stdout
+    assert f"s, {ev['rate_hz']:,.1f} hits/s" in text
+    assert f"{th['rate_hz']:,.1f}" in text.split("# ....")[-1]
+
+    series = analysis.rates(df, "1ms")
+    assert series["hits"].sum() == n and series["records"].sum() == n // 10
+    assert np.allclose(series["rate"], series["records"] * 10 / 1e-3)
