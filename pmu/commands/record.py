@@ -23,7 +23,9 @@ from pmu.events.attr import EventAttr
 from pmu.events.spec import parse_event_list
 
 if TYPE_CHECKING:
+    from pmu.evlist import Evlist
     from pmu.hits import Hits
+    from pmu.output.parquet import RecordWriter
 
 DEFAULT_PAGES = 8192
 """Ring size in 4 KiB pages (-m): 32 MiB (262,144 records) for pmu's ring and for each traced process
@@ -44,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--output",
         default="pmu.parquet",
         metavar="FILE",
-        help="output file (default pmu.parquet; an existing one becomes FILE.old)",
+        help="output file (default pmu.parquet; an existing one is kept as FILE.old once the new one is "
+        "written)",
     )
     p.add_argument(
         "-c",
@@ -100,6 +103,8 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Record, then write the file: nothing on disk changes before records come (or the run ends), and
+    a run that fails before any record leaves the file system as it was."""
     from pmu.evlist import Evlist
     from pmu.output.parquet import SCHEMA_VERSION, RecordWriter
     from pmu.ring import Ring
@@ -114,7 +119,6 @@ def run(args: argparse.Namespace) -> int:
     evlist = Evlist(attrs, optimize=not args.no_optimize)
     start_wall = datetime.datetime.now(datetime.UTC).isoformat()
     start_mono = time.monotonic_ns()
-    ring = Ring.create(args.pages, len(attrs))
     meta = {
         "pmu.schema_version": str(SCHEMA_VERSION),
         "pmu.command": json.dumps(cmd if cmd else [f"-p {args.pid}" if pids else f"-t {args.tid}"]),
@@ -123,36 +127,58 @@ def run(args: argparse.Namespace) -> int:
         "pmu.start_monotonic_ns": str(start_mono),
         "pmu.sample_period": str(args.period),
     }
+    writer = RecordWriter(args.output, names, args.args, returns, meta)  # checks PATH, creates nothing
+    ring = Ring.create(args.pages, len(attrs))
     samples = 0
-    writer = RecordWriter(args.output, names, args.args, returns, meta)
+
+    def sink(hits: Hits) -> None:
+        nonlocal samples
+        if writer.failed:  # the final drain after a failed write: that failure is the one reported
+            return
+        samples += len(hits)
+        writer.write_hits(hits)
+
+    finished = False
     try:
-
-        def sink(hits: Hits) -> None:
-            nonlocal samples
-            samples += len(hits)
-            writer.write_hits(hits)
-
         evlist.record_into(ring, sink, nargs=args.args)
         result = evlist.run_attached(pids, tids, cmd) if pids or tids else evlist.run_command(cmd)
+        finished = True
     finally:
-        lost = evlist.lost_per_event()
         total_lost = evlist.lost_total
-        hits = {}
-        for evsel in evlist.evsels:
-            counts = evlist.read(evsel)
-            hits[evsel.name] = counts.value if counts else 0
-        writer.close(
-            {
-                "pmu.lost": str(total_lost),
-                "pmu.lost_per_event": json.dumps({names[i]: n for i, n in lost.items() if n}),
-                "pmu.hits_per_event": json.dumps(hits),
-                "pmu.clock_error_ns": str(evlist.clock_error_ns()),
-            }
-        )
-        evlist.close_rings()
+        try:
+            _finish(evlist, writer, names, keep=finished or writer.rows_written > 0, failing=not finished)
+        finally:
+            evlist.close_rings()
     if total_lost:
         sys.stderr.write(f"Lost {total_lost} samples (ring full: try a bigger -m, or -c PERIOD)\n")
     size = os.path.getsize(args.output) / 1e6 if os.path.exists(args.output) else 0.0
     sys.stderr.write(f"[ pmu record: Captured and wrote {size:.3f} MB {args.output} ({samples} samples) ]\n")
     report_engines_and_errors(evlist, args.verbose)
     return result.status
+
+
+def _finish(evlist: Evlist, writer: RecordWriter, names: list[str], keep: bool, failing: bool) -> None:
+    """Close the file with the run's final metadata when there is something to keep (a run that ended,
+    or one that failed after recording); else discard it, leaving what was on disk untouched. While
+    the run's own failure propagates (`failing`), a failure to close is not reported over it."""
+    if not keep:
+        writer.discard()
+        return
+    try:
+        lost = evlist.lost_per_event()
+        hits = {}
+        for evsel in evlist.evsels:
+            counts = evlist.read(evsel)
+            hits[evsel.name] = counts.value if counts else 0
+        writer.close(
+            {
+                "pmu.lost": str(evlist.lost_total),
+                "pmu.lost_per_event": json.dumps({names[i]: n for i, n in lost.items() if n}),
+                "pmu.hits_per_event": json.dumps(hits),
+                "pmu.clock_error_ns": str(evlist.clock_error_ns()),
+            }
+        )
+    except Exception:
+        writer.discard()
+        if not failing:
+            raise
