@@ -64,6 +64,7 @@ import json
 import os
 import queue
 import re
+import resource
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -94,6 +95,13 @@ _DICTIONARY_COLUMNS: Final = frozenset({"event", "ip"})
 """Dictionary-encoded columns (few distinct values); the others are DELTA_BINARY_PACKED."""
 _STATISTICS_COLUMNS: Final = frozenset({"time_ns"})
 """Columns with min/max statistics per row group."""
+WARMUP_HEADROOM: Final = 32 << 20
+"""Address space `prepare` wants left under a limit before pyarrow first writes, buffers and thread
+already taken (the first row group of the widest schema took less than 4 MiB more, with pyarrow's
+system pool, on the 2-vCPU VM), so that pyarrow never meets the limit itself."""
+GUARD_HEADROOM: Final = 8 << 20
+"""Address space each later call into pyarrow wants left under a limit (after the warm-up they took
+none more: pyarrow's allocator and the writer thread's malloc arena keep what the first one took)."""
 _GATHER_ROWS: Final = 8192
 """Records (1 MiB) converted to columns at a time, so the passes over their fields find them in cache."""
 
@@ -175,6 +183,30 @@ def _message(what: str, path: str | os.PathLike[str], e: BaseException) -> str:
     return f"{what} {os.fspath(path)}: {reason}"
 
 
+def address_space_left() -> int | None:
+    """Bytes pmu may still map under RLIMIT_AS (`ulimit -v`), None without a limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return soft - int(line.split()[1]) * 1024
+    return None
+
+
+def _need_address_space(need: int, what: str) -> None:
+    """MemoryError unless `need` bytes can still be mapped: pyarrow's C++ code aborts the process
+    (std::bad_alloc thrown where nothing catches it: arrow::stl::allocator, `new` of an encoder) when an
+    allocation fails inside a write, so under a limit pmu makes sure there is room before calling it."""
+    left = address_space_left()
+    if left is not None and left < need:
+        raise MemoryError(
+            f"out of memory: {what} needs {need >> 20} MiB more address space than "
+            f"the limit (ulimit -v) leaves ({max(left, 0) >> 20} MiB)"
+        )
+
+
 def _umask() -> int:
     """The process's umask, read without changing it (os.umask would, for every thread)."""
     with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
@@ -186,11 +218,12 @@ def _umask() -> int:
 
 def _writer_options(schema: pa.Schema) -> dict[str, Any]:
     """ParquetWriter's options for the columns of `schema`, but compression."""
-    return {
+    options: dict[str, Any] = {
         "use_dictionary": [n for n in schema.names if n in _DICTIONARY_COLUMNS],
         "column_encoding": {n: "DELTA_BINARY_PACKED" for n in schema.names if n not in _DICTIONARY_COLUMNS},
         "write_statistics": [n for n in schema.names if n in _STATISTICS_COLUMNS],
     }
+    return options
 
 
 def _plain(kind: pa.DataType, values: npt.NDArray[Any]) -> pa.Array:
@@ -317,8 +350,8 @@ class RecordWriter:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._closed = False
-        self._error: FileError | None = None
-        """The failure that closed the writer, raised again by later writes."""
+        self._error: Exception | None = None
+        """The failure that closed the writer (FileError, MemoryError), raised again by later writes."""
         self._file: Any = None
         self._writer: Any = None
         self._fd: int | None = None
@@ -351,6 +384,7 @@ class RecordWriter:
 
     def _open(self) -> None:
         """Create the file to write (see the module's docstring) and its Parquet writer."""
+        self._guard("opening the Parquet writer")
         try:
             if self.special:
                 self.tmp_path = self.path
@@ -400,7 +434,7 @@ class RecordWriter:
 
     def _check_open(self) -> None:
         if self._error is not None:
-            raise FileError(self._error.message)
+            raise self._error
         if self._closed:
             raise ValueError(f"write to closed {self.path}")
 
@@ -441,8 +475,19 @@ class RecordWriter:
         if top >= len(self.events):
             raise ValueError(f"event index {top} has no name ({len(self.events)} events)")
 
+    def _guard(self, what: str) -> None:
+        """`_need_address_space(GUARD_HEADROOM)` before a call into pyarrow; the writer gives up when
+        there is no room (the MemoryError is raised again by later writes)."""
+        try:
+            _need_address_space(GUARD_HEADROOM, what)
+        except MemoryError as e:
+            self._abort()
+            self._error = e
+            raise
+
     def _flush(self) -> None:
         """Write the rows in the buffers as one row group."""
+        self._guard("writing a row group")
         b = [buffer[: self._rows] for buffer in self._buffers]
         columns: list[pa.Array] = [
             _plain(pa.int64(), b[0]),
@@ -464,9 +509,7 @@ class RecordWriter:
         if not self.background:
             self._write_table(table)
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="pmu-parquet", daemon=True)
-            self._thread.start()
+        self._start_thread()
         self._queue.put((table, self._buffers))
         self._buffers = self._next_buffers()
         self._raise_failure()
@@ -476,6 +519,61 @@ class RecordWriter:
             self._writer.write_table(table, row_group_size=len(table))
         except OSError as e:
             raise self._fail(e) from None
+        except Exception as e:
+            self._abort()
+            self._error = e
+            raise
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            thread = threading.Thread(target=self._work, name="pmu-parquet", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as e:  # "can't start new thread": no room for its stack
+                raise MemoryError(f"out of memory: cannot start the Parquet writer's thread ({e})") from None
+            self._thread = thread
+
+    def prepare(self) -> None:
+        """Take now, before the run, what writing will take: both sets of row-group buffers and the
+        background thread; under an address-space limit (`ulimit -v`), also write one row group of
+        the worst case (every value far from the last) to nowhere, so that the allocators of pyarrow
+        and of the thread hold what later row groups need. MemoryError if any of that cannot be had,
+        while nothing is traced yet; never a failure inside pyarrow, which would abort the process."""
+        if self._closed or self._sets:
+            return
+        try:
+            self._prepare()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _prepare(self) -> None:
+        self._buffers = self._next_buffers()
+        self._free.put(self._next_buffers())
+        if self.background:
+            self._start_thread()
+        if address_space_left() is None:
+            return
+        _need_address_space(WARMUP_HEADROOM, "the Parquet writer")
+        n = self.row_group_rows
+        spread = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        for k, buffer in enumerate(self._buffers):
+            if k == 3:
+                buffer[:] = 0  # event indexes must name an event
+            else:
+                buffer[:] = spread.view(np.int64) if buffer.dtype.kind == "i" else spread.astype(buffer.dtype)
+        self._rows = n
+        real = self._writer
+        self._writer = pq.ParquetWriter(
+            pa.MockOutputStream(), self.schema, compression=self._compression, **_writer_options(self.schema)
+        )
+        try:
+            self._flush()  # through the thread that will write the real row groups
+            self._queue.join()
+            self._raise_failure()
+            self._writer.close()
+        finally:
+            self._writer = real
 
     def _next_buffers(self) -> list[npt.NDArray[Any]]:
         """A free set of row-group buffers: a new one while fewer than two exist, else the one the
@@ -492,11 +590,13 @@ class RecordWriter:
             table, buffers = item
             if self._failure is None:
                 try:
+                    _need_address_space(GUARD_HEADROOM, "writing a row group")
                     self._writer.write_table(table, row_group_size=len(table))
                 except BaseException as e:  # reported by the caller's next write or close
                     self._failure = e
             del table, item
             self._free.put(buffers)
+            self._queue.task_done()
 
     def _stop_thread(self) -> None:
         if self._thread is not None:
@@ -510,13 +610,16 @@ class RecordWriter:
             if isinstance(e, OSError):
                 raise self._fail(e) from None
             self._abort()
+            if isinstance(e, Exception):
+                self._error = e
             raise e
 
     def _fail(self, e: OSError) -> FileError:
         """Give up after `e` (see `_abort`); the FileError to raise, raised again by later writes."""
         self._abort()
-        self._error = FileError(_message("cannot write", self.path, e))
-        return self._error
+        error = FileError(_message("cannot write", self.path, e))
+        self._error = error
+        return error
 
     def close(self, final_metadata: Mapping[str, str] | None = None) -> None:
         """Write what is pending and the metadata, and rename the temporary file to PATH. Idempotent.
@@ -540,6 +643,7 @@ class RecordWriter:
             self._raise_failure()
             if self._writer is None:
                 self._open()  # a run without a record: still a valid file, as perf writes one
+            self._guard("writing the file's footer")
             self._writer.add_key_value_metadata({**self._metadata, **final})
             self._writer.close()
             self._file.close()
@@ -547,8 +651,10 @@ class RecordWriter:
                 self._rename()
         except OSError as e:
             raise self._fail(e) from None
-        except BaseException:
+        except BaseException as e:
             self._abort()
+            if isinstance(e, Exception):
+                self._error = e
             raise
         self._writer = self._file = None
         self._buffers = []
