@@ -20,11 +20,10 @@ imported inside the plot functions only, so importing this module does not pay f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
@@ -51,7 +50,11 @@ PERCENTILES = (50, 90, 99)
 
 _PREFIX = "pmu."
 _JSON_KEYS = frozenset({"command", "events", "lost_per_event", "hits_per_event"})
-_INT_KEYS = frozenset({"schema_version", "lost", "start_monotonic_ns", "sample_period"})
+_INT_KEYS = frozenset({"schema_version", "lost", "start_monotonic_ns", "sample_period", "clock_error_ns"})
+_COUNT_KEYS = frozenset({"lost", "clock_error_ns"})
+"""Integer keys that are never negative (sample_period is at least 1)."""
+_INTEGER_COLUMNS = ("time_ns", "pid", "tid", "ip", "retval", "latency_ns")
+"""Columns that must hold integers (so must every argN)."""
 _NULLABLE = {
     pa.int8(): pd.Int8Dtype(),
     pa.int16(): pd.Int16Dtype(),
@@ -91,7 +94,8 @@ class ThreadSummary(TypedDict):
     duration_s: float
     """From the thread's first hit of the event to its last."""
     rate_hz: float | None
-    """count / duration_s; None when the duration is 0 (a single hit)."""
+    """Hits per second: count times the sample period, over duration_s; None when the duration is 0
+    (a single record)."""
 
 
 class EventSummary(TypedDict):
@@ -101,13 +105,14 @@ class EventSummary(TypedDict):
     count: int
     """Records of the event (rows of the file)."""
     hits: int
-    """Hits counted by the recorder (`pmu.hits_per_event`); `count` when the file does not say."""
+    """Hits counted by the recorder (`pmu.hits_per_event`); count times the sample period when the file
+    does not say."""
     lost: int
     """Records of this event lost by the recorder (`pmu.lost_per_event`)."""
     duration_s: float
     """From the event's first hit to its last, in any thread."""
     rate_hz: float | None
-    """count / duration_s; None when the duration is 0."""
+    """Hits per second: `hits` over duration_s; None when the duration is 0."""
     interarrival_ns: Percentiles | None
     """Percentiles of the gaps between consecutive hits of one thread, pooled over threads."""
     return_probe: bool
@@ -152,9 +157,10 @@ def load(path: str | os.PathLike[str] = DEFAULT_PATH) -> pd.DataFrame:
                 # pmu record writes its metadata into the Parquet footer at close, after the Arrow
                 # schema was stored: read the footer's key-value pairs, not only the schema's.
                 raw = {**(parquet.schema_arrow.metadata or {}), **(parquet.metadata.metadata or {})}
-                meta = _decode_metadata(raw)
-                _check(name, meta, parquet.schema_arrow.names)
+                meta = _decode_metadata(name, raw)
+                _check(name, meta, parquet.schema_arrow)
                 table = parquet.read()
+                _check_nulls(name, table)
             except pa.ArrowException as err:
                 text = str(err)
                 if "magic bytes" in text or "size is 0" in text:
@@ -180,27 +186,54 @@ def load(path: str | os.PathLike[str] = DEFAULT_PATH) -> pd.DataFrame:
     return df
 
 
-def _decode_metadata(raw: dict[bytes, bytes]) -> dict[str, Any]:
+def _decode_metadata(name: str, raw: dict[bytes, bytes]) -> dict[str, Any]:
     """`pmu.*` keys without the prefix; JSON values decoded, versions and counts as ints, the rest as
-    strings (a value that does not decode is kept as the string stored)."""
+    strings. FileError for a value pmu record would never have written (not UTF-8, not JSON, not an
+    integer where one belongs, a JSON value of the wrong shape): a report made of it would be wrong."""
     meta: dict[str, Any] = {}
     for k, v in raw.items():
         key = k.decode("utf-8", "replace")
         if not key.startswith(_PREFIX):
             continue
         key = key[len(_PREFIX) :]
-        value: Any = v.decode("utf-8", "replace")
-        if key in _JSON_KEYS:
-            with contextlib.suppress(ValueError):
-                value = json.loads(value)
-        elif key in _INT_KEYS:
-            with contextlib.suppress(ValueError):
-                value = int(value)
+        try:
+            text = v.decode("utf-8")
+            value: Any = text
+            if key in _JSON_KEYS:
+                value = json.loads(text)
+            elif key in _INT_KEYS:
+                value = int(text)
+        except ValueError:
+            raise _corrupt(name, key, v) from None
+        if not _well_formed(key, value):
+            raise _corrupt(name, key, v)
         meta[key] = value
     return meta
 
 
-def _check(name: str, meta: dict[str, Any], columns: Sequence[str]) -> None:
+def _corrupt(name: str, key: str, raw: bytes) -> FileError:
+    shown = raw[:40].decode("utf-8", "replace") + ("..." if len(raw) > 40 else "")
+    return FileError(f"cannot read {name}: corrupt metadata (pmu.{key} is {shown!r})")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _well_formed(key: str, value: Any) -> bool:
+    """Whether a decoded metadata value has the shape pmu record writes."""
+    if key in ("command", "events"):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if key in ("lost_per_event", "hits_per_event"):
+        return isinstance(value, dict) and all(_is_count(v) for v in value.values())
+    if key == "sample_period":
+        return _is_count(value) and value >= 1
+    if key in _COUNT_KEYS:
+        return _is_count(value)
+    return True
+
+
+def _check(name: str, meta: dict[str, Any], schema: pa.Schema) -> None:
     version = meta.get("schema_version")
     if version is None:
         raise FileError(f"cannot read {name}: not a pmu recording (no pmu.schema_version in its metadata)")
@@ -208,9 +241,29 @@ def _check(name: str, meta: dict[str, Any], columns: Sequence[str]) -> None:
         raise FileError(
             f"cannot read {name}: recording schema version {version}, this pmu reads version {SCHEMA_VERSION}"
         )
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise FileError(f"cannot read {name}: not a pmu recording (no column {', '.join(missing)})")
+    for field in schema:
+        arg = field.name.startswith("arg") and field.name[3:].isdigit()
+        integer = field.name in _INTEGER_COLUMNS or arg
+        if integer and not pa.types.is_integer(field.type):
+            raise FileError(f"cannot read {name}: column {field.name} is {field.type}, not integers")
+        if field.name == "event" and not _is_text(field.type):
+            raise FileError(f"cannot read {name}: column event is {field.type}, not event names")
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def _check_nulls(name: str, table: pa.Table) -> None:
+    """Every row of a recording has a time, a process, a thread, an event and an address."""
+    for column in REQUIRED_COLUMNS:
+        if table.column(column).null_count:
+            raise FileError(f"cannot read {name}: column {column} has empty values")
 
 
 # --- computing ---------------------------------------------------------------------------------------
@@ -231,16 +284,26 @@ def interval_ns(interval: str | int | pd.Timedelta) -> int:
     return ns
 
 
+def sample_period(df: pd.DataFrame) -> int:
+    """One row of the recording stands for this many hits (`pmu record -c PERIOD`); 1 when the file
+    does not say (a frame built by hand)."""
+    period = df.attrs.get("pmu", {}).get("sample_period")
+    return period if isinstance(period, int) and not isinstance(period, bool) and period >= 1 else 1
+
+
 def rates(df: pd.DataFrame, interval: str | int | pd.Timedelta = "100ms") -> pd.DataFrame:
-    """Hits per second of each thread, per time bin: columns event, pid, tid, time_s, hits, rate.
+    """Hits per second of each thread, per time bin: columns event, pid, tid, time_s, records, hits, rate.
 
     Bins are `interval` wide and start at the recording's first hit (time_s is a bin's start, in s
     since that hit); every thread that hit an event has a row for every bin up to the last hit, zeros
-    included, so a thread's series plots as is. rate = hits / interval (the last bin may be partial).
+    included, so a thread's series plots as is. `records` are the rows in the bin, `hits` the hits they
+    stand for (records times the sample period, see `sample_period`), rate = hits / interval (the last
+    bin may be partial).
     """
     step = interval_ns(interval)
+    period = sample_period(df)
     df = _events(df)
-    columns = ["event", "pid", "tid", "time_s", "hits", "rate"]
+    columns = ["event", "pid", "tid", "time_s", "records", "hits", "rate"]
     if df.empty:
         return pd.DataFrame(
             {c: pd.Series(dtype=df["event"].dtype if c == "event" else "int64") for c in columns}
@@ -251,7 +314,8 @@ def rates(df: pd.DataFrame, interval: str | int | pd.Timedelta = "100ms") -> pd.
     frames = []
     for key, index in df.groupby(_THREAD_KEYS, observed=True, sort=True).indices.items():
         event, pid, tid = cast(tuple[Any, Any, Any], key)
-        hits = np.bincount(bins[index], minlength=nbins)
+        records = np.bincount(bins[index], minlength=nbins).astype(np.int64)
+        hits = records * period
         frames.append(
             pd.DataFrame(
                 {
@@ -259,7 +323,8 @@ def rates(df: pd.DataFrame, interval: str | int | pd.Timedelta = "100ms") -> pd.
                     "pid": np.full(nbins, pid, dtype=np.int64),
                     "tid": np.full(nbins, tid, dtype=np.int64),
                     "time_s": np.arange(nbins, dtype=np.int64) * step / 1e9,
-                    "hits": hits.astype(np.int64),
+                    "records": records,
+                    "hits": hits,
                     "rate": hits / (step / 1e9),
                 }
             )
@@ -328,7 +393,11 @@ def is_return_probe(event: str) -> bool:
 
 def summary(df: pd.DataFrame) -> Summary:
     """Per event: count, duration, hits/s, inter-arrival p50/p90/p99, latency percentiles of return
-    probes, lost records, and per thread: count, duration, hits/s. JSON-serializable as is."""
+    probes, lost records, and per thread: count, duration, hits/s. JSON-serializable as is.
+
+    Rates are hits per second, whatever the sample period: an event's is its exact hit count over the
+    time its records span; a thread's, its records times the sample period over its own span (records
+    lost to a full ring are not in a thread's rate: the file does not say whose they were)."""
     df = _events(df)
     meta: dict[str, Any] = dict(df.attrs.get("pmu", {}))
     hits_meta = meta.get("hits_per_event") if isinstance(meta.get("hits_per_event"), dict) else {}
@@ -336,6 +405,7 @@ def summary(df: pd.DataFrame) -> Summary:
     assert isinstance(hits_meta, dict) and isinstance(lost_meta, dict)
     gaps = interarrival(df)
     lat = latency(df)
+    period = sample_period(df)
     threads = df.groupby(_THREAD_KEYS, observed=True)["time_ns"].agg(["count", "min", "max"]).reset_index()
     events: list[EventSummary] = []
     for name in _event_names(df, meta):
@@ -361,18 +431,19 @@ def summary(df: pd.DataFrame) -> Summary:
                     tid=int(tid),
                     count=int(n),
                     duration_s=t_duration,
-                    rate_hz=_rate(int(n), t_duration),
+                    rate_hz=_rate(int(n) * period, t_duration),
                 )
             )
         per_thread.sort(key=lambda t: (-t["count"], t["pid"], t["tid"]))
+        hits = int(hits_meta.get(name, count * period))
         events.append(
             EventSummary(
                 event=name,
                 count=count,
-                hits=int(hits_meta.get(name, count)),
+                hits=hits,
                 lost=int(lost_meta.get(name, 0)),
                 duration_s=duration,
-                rate_hz=_rate(count, duration),
+                rate_hz=_rate(hits, duration),
                 interarrival_ns=_percentiles(gaps.loc[gaps["event"] == name, "gap_ns"].to_numpy(np.int64)),
                 return_probe=is_return_probe(name) or len(own_lat) > 0,
                 latency_ns=None if latency_pct is None else LatencySummary(count=len(own_lat), **latency_pct),
@@ -382,7 +453,7 @@ def summary(df: pd.DataFrame) -> Summary:
     lost = meta.get("lost")
     if not isinstance(lost, int):
         lost = sum(int(v) for v in lost_meta.values())
-    period = meta.get("sample_period")
+    stated_period = meta.get("sample_period")
     command = meta.get("command")
     start = meta.get("start_time")
     path = df.attrs.get("path")
@@ -393,7 +464,7 @@ def summary(df: pd.DataFrame) -> Summary:
         records=len(df),
         duration_s=float(df["time_ns"].max() - df["time_ns"].min()) / 1e9 if len(df) else 0.0,
         lost=lost,
-        sample_period=period if isinstance(period, int) else None,
+        sample_period=stated_period if isinstance(stated_period, int) else None,
         events=events,
     )
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import datetime
+import errno
 import json
 import os
 import sys
 import time
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from pmu.commands.options import (
@@ -23,12 +27,15 @@ from pmu.events.attr import EventAttr
 from pmu.events.spec import parse_event_list
 
 if TYPE_CHECKING:
+    from pmu.evlist import Evlist
     from pmu.hits import Hits
+    from pmu.output.parquet import RecordWriter
 
 DEFAULT_PAGES = 8192
 """Ring size in 4 KiB pages (-m): 32 MiB (262,144 records) for pmu's ring and for each traced process
 that records through jump patches, drained every 10 ms and continuously while records keep coming."""
 MAX_ARGS = 6
+_ARROW_POOL = "ARROW_DEFAULT_MEMORY_POOL"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -44,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--output",
         default="pmu.parquet",
         metavar="FILE",
-        help="output file (default pmu.parquet; an existing one becomes FILE.old)",
+        help="output file (default pmu.parquet; an existing one is kept as FILE.old once the new one is "
+        "written)",
     )
     p.add_argument(
         "-c",
@@ -100,8 +108,11 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Record, then write the file: nothing on disk changes before records come (or the run ends), and
+    a run that fails before any record leaves the file system as it was."""
     from pmu.evlist import Evlist
-    from pmu.output.parquet import SCHEMA_VERSION, RecordWriter
+
+    parquet = _import_parquet()
     from pmu.ring import Ring
 
     attrs = build_attrs(args)
@@ -114,45 +125,118 @@ def run(args: argparse.Namespace) -> int:
     evlist = Evlist(attrs, optimize=not args.no_optimize)
     start_wall = datetime.datetime.now(datetime.UTC).isoformat()
     start_mono = time.monotonic_ns()
-    ring = Ring.create(args.pages, len(attrs))
     meta = {
-        "pmu.schema_version": str(SCHEMA_VERSION),
+        "pmu.schema_version": str(parquet.SCHEMA_VERSION),
         "pmu.command": json.dumps(cmd if cmd else [f"-p {args.pid}" if pids else f"-t {args.tid}"]),
         "pmu.events": json.dumps(names),
         "pmu.start_time": start_wall,
         "pmu.start_monotonic_ns": str(start_mono),
         "pmu.sample_period": str(args.period),
     }
-    samples = 0
-    writer = RecordWriter(args.output, names, args.args, returns, meta)
+    writer = parquet.RecordWriter(args.output, names, args.args, returns, meta)  # checks PATH only
     try:
+        ring = Ring.create(args.pages, len(attrs))
+    except OSError as e:
+        if e.errno != errno.ENOMEM:
+            raise
+        raise MemoryError(f"out of memory: cannot map a ring of {args.pages} pages (-m)") from None
+    try:
+        writer.prepare()  # memory the writer needs, taken before anything is traced
+    except BaseException:
+        ring.close()
+        raise
+    samples = 0
 
-        def sink(hits: Hits) -> None:
-            nonlocal samples
-            samples += len(hits)
-            writer.write_hits(hits)
+    def sink(hits: Hits) -> None:
+        nonlocal samples
+        if writer.failed:  # the final drain after a failed write: that failure is the one reported
+            return
+        samples += len(hits)
+        writer.write_hits(hits)
 
+    finished = False
+    try:
         evlist.record_into(ring, sink, nargs=args.args)
         result = evlist.run_attached(pids, tids, cmd) if pids or tids else evlist.run_command(cmd)
+        finished = True
+    except OSError as e:
+        if e.errno != errno.ENOMEM:  # a mapping (a ring in a traced process) that did not fit
+            raise
+        raise MemoryError(f"out of memory: {os.strerror(e.errno)}") from None
     finally:
-        lost = evlist.lost_per_event()
         total_lost = evlist.lost_total
-        hits = {}
-        for evsel in evlist.evsels:
-            counts = evlist.read(evsel)
-            hits[evsel.name] = counts.value if counts else 0
-        writer.close(
-            {
-                "pmu.lost": str(total_lost),
-                "pmu.lost_per_event": json.dumps({names[i]: n for i, n in lost.items() if n}),
-                "pmu.hits_per_event": json.dumps(hits),
-                "pmu.clock_error_ns": str(evlist.clock_error_ns()),
-            }
-        )
-        evlist.close_rings()
+        try:
+            _finish(evlist, writer, names, keep=finished or writer.rows_written > 0, failing=not finished)
+        finally:
+            evlist.close_rings()
     if total_lost:
         sys.stderr.write(f"Lost {total_lost} samples (ring full: try a bigger -m, or -c PERIOD)\n")
     size = os.path.getsize(args.output) / 1e6 if os.path.exists(args.output) else 0.0
     sys.stderr.write(f"[ pmu record: Captured and wrote {size:.3f} MB {args.output} ({samples} samples) ]\n")
     report_engines_and_errors(evlist, args.verbose)
     return result.status
+
+
+def _import_parquet() -> ModuleType:
+    """pmu.output.parquet, which imports pyarrow (with malloc as its allocator under `ulimit -v`);
+    MemoryError when there is no memory to load it.
+
+    Once libarrow is loaded, its mimalloc crashes in the process's exit handlers (SIGSEGV in
+    mi_process_done) if pyarrow's import failed half-way, as under `ulimit -v`: pmu then ends by
+    _exit after its one-line error, skipping those handlers."""
+    import resource
+
+    limited = resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+    pool = os.environ.get(_ARROW_POOL)
+    if limited and pool is None:
+        # pyarrow's default allocator, mimalloc, reserves 1 GiB of address space at its first
+        # allocation: most of what a `ulimit -v` leaves pmu. pyarrow reads this when it is imported;
+        # the commands pmu runs get the environment as it was.
+        os.environ[_ARROW_POOL] = "system"
+    try:
+        from pmu.output import parquet
+    except (ImportError, MemoryError) as e:
+        atexit.register(_exit_now)
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, MemoryError) or "failed to map segment" in text or "allocate memory" in text:
+            raise MemoryError(f"out of memory: cannot load pyarrow ({text})") from None
+        raise
+    finally:
+        if limited and pool is None:
+            del os.environ[_ARROW_POOL]
+    return parquet
+
+
+def _exit_now() -> None:
+    """The last exit handler: flush what pmu printed, then end without running the C library's."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(2)  # only registered on the way out of a failed run: its status is 2
+
+
+def _finish(evlist: Evlist, writer: RecordWriter, names: list[str], keep: bool, failing: bool) -> None:
+    """Close the file with the run's final metadata when there is something to keep (a run that ended,
+    or one that failed after recording); else discard it, leaving what was on disk untouched. While
+    the run's own failure propagates (`failing`), a failure to close is not reported over it."""
+    if not keep:
+        writer.discard()
+        return
+    try:
+        lost = evlist.lost_per_event()
+        hits = {}
+        for evsel in evlist.evsels:
+            counts = evlist.read(evsel)
+            hits[evsel.name] = counts.value if counts else 0
+        writer.close(
+            {
+                "pmu.lost": str(evlist.lost_total),
+                "pmu.lost_per_event": json.dumps({names[i]: n for i, n in lost.items() if n}),
+                "pmu.hits_per_event": json.dumps(hits),
+                "pmu.clock_error_ns": str(evlist.clock_error_ns()),
+            }
+        )
+    except Exception:
+        writer.discard()
+        if not failing:
+            raise

@@ -2,6 +2,11 @@
 
 pandas and matplotlib are imported when the command runs, not when the parser is built, so that other
 subcommands (`pmu stat`) start without them. The numbers come from `pmu.analysis.summary`.
+
+A reader that goes away early (`pmu report | head`) ends the report quietly, as it ends `cat` or
+`perf report --stdio`: the output is written with SIGPIPE's default action, so the process dies of
+SIGPIPE (status 141 in the shell, which `set -o pipefail` sees as a broken pipe, not as an error of
+pmu's) instead of printing a BrokenPipeError. Nothing is left half-done by then: plots are written first.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
@@ -68,12 +74,14 @@ def run(args: argparse.Namespace) -> int:
     result = analysis.summary(df)
     if args.plot:
         analysis.write_plots(df, args.plot)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as cat does: see the module's docstring
     if args.format == "json":
         write_json(result, sys.stdout)
     elif args.format == "csv":
         write_csv(result, sys.stdout)
     else:
         write_text(result, sys.stdout)
+    sys.stdout.flush()
     return 0
 
 

@@ -37,14 +37,20 @@ use `read_metadata`, `pyarrow.parquet.read_metadata(path).metadata` or DuckDB's 
     pmu.hits_per_event      JSON {event name: exact number of hits, lost records included}
     pmu.sample_period       record one hit in this many
 
-The file is written as PATH.tmp and renamed to PATH by `close`, so PATH is either absent or a whole,
-valid file; an existing PATH is first renamed to PATH.old, as perf does with perf.data (a PATH that is
-not a regular file, such as /dev/null or a pipe, is written directly instead). `close` is
-idempotent and meant for a `finally:` block, so Ctrl-C or a crashed command still leave a valid file.
-Parquet's footer is written at close: if pmu itself is killed (SIGKILL, OOM), the data written so far is
-lost and PATH.tmp is left behind, as perf.data is left unusable. pyarrow writes from C++, so a Ctrl-C
-(KeyboardInterrupt) is raised between row groups, never inside one; but one that interrupts `close`
-itself leaves PATH.tmp, maybe incomplete (block SIGINT around `close` to rule that out).
+Nothing of the file system is touched before there is something to write: the writer checks at start
+that PATH can be written (its directory exists and is writable, PATH is no directory), and creates its
+temporary file only when the first row group is written, or at `close`. `discard` (a run that failed
+before any record) leaves everything as it was. The temporary file is made by `tempfile.mkstemp` in
+PATH's directory (`.NAME.XXXXXXXX.tmp`: an unpredictable name, O_CREAT|O_EXCL, mode 0600, so a link
+planted in a world-writable directory is never followed nor written through) and `close` renames it
+to PATH, so PATH is either the previous file or a whole, valid new one; an existing PATH is then kept
+as PATH.old (a hard link made before the rename, so PATH never goes missing), as perf does with
+perf.data. A PATH that is not a regular file, such as /dev/null or a pipe, is written in place instead.
+`close` is idempotent and meant for a `finally:` block, so Ctrl-C or a crashed command still leave a
+valid file. Parquet's footer is written at close: if pmu itself is killed (SIGKILL, OOM), the data
+written so far is lost and the temporary file is left behind, as perf.data is left unusable. pyarrow
+writes from C++, so a Ctrl-C (KeyboardInterrupt) is raised between row groups, never inside one; but
+one that interrupts `close` itself leaves the temporary file, maybe incomplete.
 
 pandas reads the nullable uint64 `retval` as float64 unless asked otherwise: use
 `pandas.read_parquet(path, dtype_backend="numpy_nullable")` (or "pyarrow") to keep it exact.
@@ -53,10 +59,13 @@ pandas reads the nullable uint64 `retval` as float64 unless asked otherwise: use
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
 import re
+import resource
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -86,6 +95,13 @@ _DICTIONARY_COLUMNS: Final = frozenset({"event", "ip"})
 """Dictionary-encoded columns (few distinct values); the others are DELTA_BINARY_PACKED."""
 _STATISTICS_COLUMNS: Final = frozenset({"time_ns"})
 """Columns with min/max statistics per row group."""
+WARMUP_HEADROOM: Final = 32 << 20
+"""Address space `prepare` wants left under a limit before pyarrow first writes, buffers and thread
+already taken (the first row group of the widest schema took less than 4 MiB more, with pyarrow's
+system pool, on the 2-vCPU VM), so that pyarrow never meets the limit itself."""
+GUARD_HEADROOM: Final = 8 << 20
+"""Address space each later call into pyarrow wants left under a limit (after the warm-up they took
+none more: pyarrow's allocator and the writer thread's malloc arena keep what the first one took)."""
 _GATHER_ROWS: Final = 8192
 """Records (1 MiB) converted to columns at a time, so the passes over their fields find them in cache."""
 
@@ -167,13 +183,47 @@ def _message(what: str, path: str | os.PathLike[str], e: BaseException) -> str:
     return f"{what} {os.fspath(path)}: {reason}"
 
 
+def address_space_left() -> int | None:
+    """Bytes pmu may still map under RLIMIT_AS (`ulimit -v`), None without a limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return soft - int(line.split()[1]) * 1024
+    return None
+
+
+def _need_address_space(need: int, what: str) -> None:
+    """MemoryError unless `need` bytes can still be mapped: pyarrow's C++ code aborts the process
+    (std::bad_alloc thrown where nothing catches it: arrow::stl::allocator, `new` of an encoder) when an
+    allocation fails inside a write, so under a limit pmu makes sure there is room before calling it."""
+    left = address_space_left()
+    if left is not None and left < need:
+        raise MemoryError(
+            f"out of memory: {what} needs {need >> 20} MiB more address space than "
+            f"the limit (ulimit -v) leaves ({max(left, 0) >> 20} MiB)"
+        )
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 def _writer_options(schema: pa.Schema) -> dict[str, Any]:
     """ParquetWriter's options for the columns of `schema`, but compression."""
-    return {
+    options: dict[str, Any] = {
         "use_dictionary": [n for n in schema.names if n in _DICTIONARY_COLUMNS],
         "column_encoding": {n: "DELTA_BINARY_PACKED" for n in schema.names if n not in _DICTIONARY_COLUMNS},
         "write_statistics": [n for n in schema.names if n in _STATISTICS_COLUMNS],
     }
+    return options
 
 
 def _plain(kind: pa.DataType, values: npt.NDArray[Any]) -> pa.Array:
@@ -194,6 +244,38 @@ def _nullable(kind: pa.DataType, values: npt.NDArray[Any], valid: npt.NDArray[np
     nulls = len(valid) - int(np.count_nonzero(valid))
     bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
     return pa.Array.from_buffers(kind, len(values), [bitmap, pa.py_buffer(values)], null_count=nulls)
+
+
+class _Sequential:
+    """A device or a pipe as pyarrow's sink, written in order: Parquet asks where it is in the file,
+    and lseek cannot tell on a pipe, so the position is the count of bytes written."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        self._position = 0
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self._fd, view)
+            self._position += n
+            view = view[n:]
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        """Nothing is buffered here."""
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
 
 
 class RecordWriter:
@@ -239,7 +321,8 @@ class RecordWriter:
         self.special = (
             os.path.exists(self.path) and not os.path.isfile(self.path) and not os.path.isdir(self.path)
         )
-        self.tmp_path = self.path if self.special else self.path + ".tmp"
+        self.tmp_path: str | None = None
+        """The file being written (PATH itself when `special`); None until the first write to disk."""
         self.events = tuple(events)
         self.nargs = nargs
         self.returns = returns
@@ -267,20 +350,58 @@ class RecordWriter:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._closed = False
+        self._error: Exception | None = None
+        """The failure that closed the writer (FileError, MemoryError), raised again by later writes."""
         self._file: Any = None
         self._writer: Any = None
+        self._fd: int | None = None
+        """The temporary file, kept open to check that its name still names it before the rename."""
+        self._compression = compression
+        self._check_writable()
+
+    @property
+    def failed(self) -> bool:
+        """A write or close failed: the file is gone and later writes raise that failure again."""
+        return self._error is not None
+
+    def _check_writable(self) -> None:
+        """FileError now, before anything runs, if PATH cannot be written; touches nothing."""
+        if os.path.isdir(self.path):
+            code = errno.EISDIR
+        elif self.special:
+            code = 0 if os.access(self.path, os.W_OK) else errno.EACCES
+        else:
+            directory = os.path.dirname(self.path) or "."
+            if not os.path.isdir(directory):
+                code = errno.ENOENT if not os.path.exists(directory) else errno.ENOTDIR
+            elif os.access(directory, os.W_OK | os.X_OK):
+                code = 0
+            else:
+                readonly = os.statvfs(directory).f_flag & os.ST_RDONLY
+                code = errno.EROFS if readonly else errno.EACCES
+        if code:
+            raise FileError(f"cannot write {self.path}: {os.strerror(code)}")
+
+    def _open(self) -> None:
+        """Create the file to write (see the module's docstring) and its Parquet writer."""
+        self._guard("opening the Parquet writer")
         try:
-            if os.path.isdir(self.path) or os.path.isdir(self.tmp_path):
-                raise IsADirectoryError(21, os.strerror(21))
-            self._file = pa.OSFile(self.tmp_path, "wb")
+            if self.special:
+                self.tmp_path = self.path
+                self._file = pa.PythonFile(_Sequential(self.path), mode="w")
+            else:
+                directory, name = os.path.split(self.path)
+                self._fd, self.tmp_path = tempfile.mkstemp(
+                    suffix=".tmp", prefix=f".{name}.", dir=directory or "."
+                )
+                # pyarrow opens by name: /proc/self/fd names the very file made, whatever is done
+                # meanwhile to its name in the directory.
+                self._file = pa.OSFile(f"/proc/self/fd/{self._fd}", "wb")
             self._writer = pq.ParquetWriter(
-                self._file, self.schema, compression=compression, **_writer_options(self.schema)
+                self._file, self.schema, compression=self._compression, **_writer_options(self.schema)
             )
-            if os.path.lexists(self.path) and not self.special:
-                os.replace(self.path, self.path + ".old")
         except OSError as e:
-            self._abort()
-            raise FileError(_message("cannot write", self.path, e)) from None
+            raise self._fail(e) from None
 
     def write(self, records: npt.NDArray[Any]) -> None:
         """Append `records` (RECORD_DTYPE, `time` already in CLOCK_MONOTONIC ns and `thread` a TID).
@@ -288,8 +409,7 @@ class RecordWriter:
         ValueError for another dtype or an event index without a name (and then none of `records` is
         written); FileError if writing fails.
         """
-        if self._closed:
-            raise ValueError(f"write to closed {self.path}")
+        self._check_open()
         if records.dtype != RECORD_DTYPE:
             raise ValueError(f"records must be of RECORD_DTYPE, not {records.dtype}")
         self.write_hits(Hits.of_records(records, self.nargs))
@@ -297,8 +417,7 @@ class RecordWriter:
     def write_hits(self, hits: Hits) -> None:
         """Append a batch of hits given as columns (for instance views of a ring's records, converted where
         they are); as `write` otherwise."""
-        if self._closed:
-            raise ValueError(f"write to closed {self.path}")
+        self._check_open()
         n = len(hits.time)
         if n == 0:
             return
@@ -312,6 +431,12 @@ class RecordWriter:
                 fields += [np.broadcast_to(np.uint64(0), n), np.broadcast_to(np.int64(-1), n)]
                 fields.append(np.broadcast_to(np.uint32(0), n))
         self._append(fields, hits.event)
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise ValueError(f"write to closed {self.path}")
 
     def _append(self, fields: list[npt.NDArray[Any]], event: npt.NDArray[Any]) -> None:
         self._raise_failure()
@@ -350,8 +475,19 @@ class RecordWriter:
         if top >= len(self.events):
             raise ValueError(f"event index {top} has no name ({len(self.events)} events)")
 
+    def _guard(self, what: str) -> None:
+        """`_need_address_space(GUARD_HEADROOM)` before a call into pyarrow; the writer gives up when
+        there is no room (the MemoryError is raised again by later writes)."""
+        try:
+            _need_address_space(GUARD_HEADROOM, what)
+        except MemoryError as e:
+            self._abort()
+            self._error = e
+            raise
+
     def _flush(self) -> None:
         """Write the rows in the buffers as one row group."""
+        self._guard("writing a row group")
         b = [buffer[: self._rows] for buffer in self._buffers]
         columns: list[pa.Array] = [
             _plain(pa.int64(), b[0]),
@@ -368,12 +504,12 @@ class RecordWriter:
             columns.append(_nullable(pa.int64(), latency, is_return & (latency >= 0)))
         table = pa.Table.from_arrays(columns, schema=self.schema)  # zero-copy: views of the buffers
         self._rows = 0
+        if self._writer is None:
+            self._open()
         if not self.background:
             self._write_table(table)
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="pmu-parquet", daemon=True)
-            self._thread.start()
+        self._start_thread()
         self._queue.put((table, self._buffers))
         self._buffers = self._next_buffers()
         self._raise_failure()
@@ -382,8 +518,62 @@ class RecordWriter:
         try:
             self._writer.write_table(table, row_group_size=len(table))
         except OSError as e:
+            raise self._fail(e) from None
+        except Exception as e:
             self._abort()
-            raise FileError(_message("cannot write", self.path, e)) from None
+            self._error = e
+            raise
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            thread = threading.Thread(target=self._work, name="pmu-parquet", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as e:  # "can't start new thread": no room for its stack
+                raise MemoryError(f"out of memory: cannot start the Parquet writer's thread ({e})") from None
+            self._thread = thread
+
+    def prepare(self) -> None:
+        """Take now, before the run, what writing will take: both sets of row-group buffers and the
+        background thread; under an address-space limit (`ulimit -v`), also write one row group of
+        the worst case (every value far from the last) to nowhere, so that the allocators of pyarrow
+        and of the thread hold what later row groups need. MemoryError if any of that cannot be had,
+        while nothing is traced yet; never a failure inside pyarrow, which would abort the process."""
+        if self._closed or self._sets:
+            return
+        try:
+            self._prepare()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _prepare(self) -> None:
+        self._buffers = self._next_buffers()
+        self._free.put(self._next_buffers())
+        if self.background:
+            self._start_thread()
+        if address_space_left() is None:
+            return
+        _need_address_space(WARMUP_HEADROOM, "the Parquet writer")
+        n = self.row_group_rows
+        spread = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        for k, buffer in enumerate(self._buffers):
+            if k == 3:
+                buffer[:] = 0  # event indexes must name an event
+            else:
+                buffer[:] = spread.view(np.int64) if buffer.dtype.kind == "i" else spread.astype(buffer.dtype)
+        self._rows = n
+        real = self._writer
+        self._writer = pq.ParquetWriter(
+            pa.MockOutputStream(), self.schema, compression=self._compression, **_writer_options(self.schema)
+        )
+        try:
+            self._flush()  # through the thread that will write the real row groups
+            self._queue.join()
+            self._raise_failure()
+            self._writer.close()
+        finally:
+            self._writer = real
 
     def _next_buffers(self) -> list[npt.NDArray[Any]]:
         """A free set of row-group buffers: a new one while fewer than two exist, else the one the
@@ -400,11 +590,13 @@ class RecordWriter:
             table, buffers = item
             if self._failure is None:
                 try:
+                    _need_address_space(GUARD_HEADROOM, "writing a row group")
                     self._writer.write_table(table, row_group_size=len(table))
                 except BaseException as e:  # reported by the caller's next write or close
                     self._failure = e
             del table, item
             self._free.put(buffers)
+            self._queue.task_done()
 
     def _stop_thread(self) -> None:
         if self._thread is not None:
@@ -415,17 +607,27 @@ class RecordWriter:
     def _raise_failure(self) -> None:
         e = self._failure
         if e is not None:
-            self._abort()
             if isinstance(e, OSError):
-                raise FileError(_message("cannot write", self.path, e)) from None
+                raise self._fail(e) from None
+            self._abort()
+            if isinstance(e, Exception):
+                self._error = e
             raise e
 
+    def _fail(self, e: OSError) -> FileError:
+        """Give up after `e` (see `_abort`); the FileError to raise, raised again by later writes."""
+        self._abort()
+        error = FileError(_message("cannot write", self.path, e))
+        self._error = error
+        return error
+
     def close(self, final_metadata: Mapping[str, str] | None = None) -> None:
-        """Write what is pending and the metadata, and rename PATH.tmp to PATH. Idempotent.
+        """Write what is pending and the metadata, and rename the temporary file to PATH. Idempotent.
 
         `final_metadata` holds the keys known only at the end (pmu.lost, pmu.lost_per_event,
         pmu.hits_per_event); a key already given at start is a ValueError. After a FileError from
-        `write`, close only removes PATH.tmp. FileError if finishing the file fails.
+        `write`, close does nothing (the temporary file is already gone). FileError if finishing the
+        file fails; on any failure the temporary file is removed and PATH left as it was.
         """
         if self._closed:
             return
@@ -433,25 +635,61 @@ class RecordWriter:
         again = sorted(set(final) & set(self._metadata) - {"pmu.version"})
         if again:
             raise ValueError(f"metadata given twice: {', '.join(again)}")
-        self._closed = True
         try:
             if self._rows:
                 self._flush()
+            self._closed = True
             self._stop_thread()
             self._raise_failure()
+            if self._writer is None:
+                self._open()  # a run without a record: still a valid file, as perf writes one
+            self._guard("writing the file's footer")
             self._writer.add_key_value_metadata({**self._metadata, **final})
             self._writer.close()
             self._file.close()
             if not self.special:
-                os.replace(self.tmp_path, self.path)
+                self._rename()
         except OSError as e:
+            raise self._fail(e) from None
+        except BaseException as e:
             self._abort()
-            raise FileError(_message("cannot write", self.path, e)) from None
+            if isinstance(e, Exception):
+                self._error = e
+            raise
         self._writer = self._file = None
         self._buffers = []
 
+    def _rename(self) -> None:
+        """The finished temporary file becomes PATH; a PATH that was there stays as PATH.old."""
+        assert self.tmp_path is not None and self._fd is not None
+        if not self._names_ours():
+            raise FileExistsError(errno.EEXIST, f"{self.tmp_path} was replaced while pmu wrote it")
+        os.fchmod(self._fd, 0o666 & ~_umask())  # private until now; then as open(2) would make PATH
+        if os.path.lexists(self.path):
+            old = self.path + ".old"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(old)
+            try:
+                os.link(self.path, old, follow_symlinks=False)
+            except OSError:  # no hard links here (vfat...): PATH goes missing for a moment
+                os.replace(self.path, old)
+        os.replace(self.tmp_path, self.path)
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Give up without writing: remove the temporary file if one was made, leave PATH (and PATH.old)
+        as they were. For a run that failed before it recorded anything. Idempotent."""
+        self._abort()
+
     def _abort(self) -> None:
-        """Give up: close what is open, remove PATH.tmp; later writes raise, closes do nothing."""
+        """Give up: close what is open, remove the temporary file; later writes raise, closes do
+        nothing."""
         self._closed = True
         self._stop_thread()
         self._buffers = []
@@ -461,9 +699,20 @@ class RecordWriter:
                 with contextlib.suppress(Exception):  # already failing: the first error is the one reported
                     thing.close()
         self._writer = self._file = None
-        with contextlib.suppress(OSError):
-            if not self.special:
-                os.unlink(self.tmp_path)
+        if self.tmp_path is not None and not self.special:
+            with contextlib.suppress(OSError):
+                if self._names_ours():  # never remove a file someone else put under that name
+                    os.unlink(self.tmp_path)
+            self.tmp_path = None
+        self._close_fd()
+
+    def _names_ours(self) -> bool:
+        """Whether `tmp_path` still names the temporary file pmu made."""
+        assert self.tmp_path is not None
+        if self._fd is None:
+            return False
+        ours, named = os.fstat(self._fd), os.lstat(self.tmp_path)
+        return (ours.st_dev, ours.st_ino) == (named.st_dev, named.st_ino)
 
     def __enter__(self) -> RecordWriter:
         return self

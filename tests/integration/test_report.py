@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -198,6 +199,55 @@ def test_parquet_that_is_not_a_recording(tmp_path: Path) -> None:
     )
 
 
+def test_corrupt_metadata_is_a_one_line_error(tmp_path: Path) -> None:
+    write_recording(tmp_path / "c.parquet", [1, 2], [1, 1], [ENTRY] * 2, metadata={"pmu.lost": "-3"})
+    r = run_pmu("report", "-i", "c.parquet", cwd=str(tmp_path))
+    assert_one_line_error(r, "cannot read c.parquet: corrupt metadata (pmu.lost is '-3')")
+
+
+def test_wrong_column_types_are_a_one_line_error(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "time_ns": pa.array(["a", "b"]),
+            "pid": pa.array([1, 1], pa.int32()),
+            "tid": pa.array([1, 1], pa.int32()),
+            "event": pa.array(["e", "e"]),
+            "ip": pa.array([0, 0], pa.uint64()),
+        }
+    )
+    with pq.ParquetWriter(tmp_path / "t.parquet", table.schema) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata({"pmu.schema_version": "1"})
+    for fmt in ("text", "csv", "json"):
+        r = run_pmu("report", "-i", "t.parquet", "--format", fmt, cwd=str(tmp_path))
+        assert_one_line_error(r, "cannot read t.parquet: column time_ns is string, not integers")
+
+
+@pytest.mark.parametrize("fmt", ["text", "csv", "json"])
+def test_reader_gone_ends_quietly(tmp_path: Path, fmt: str) -> None:
+    """`pmu report | head`: the reader goes away; pmu report ends by SIGPIPE as cat does, no message.
+    The pipe's read end is closed before pmu starts, so every write fails, whatever the machine's speed."""
+    n = 5000  # a report far bigger than a pipe's buffer
+    path = write_recording(tmp_path / "big.parquet", list(range(n)), list(range(n)), [ENTRY] * n)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "pmu", "report", "-i", str(path), "--format", fmt],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert r.stderr == ""
+    assert r.returncode == -signal.SIGPIPE  # 141 in a shell, as `cat big | head` or `perf report | head`
+
+
 def test_bad_format_is_a_usage_error(rec: Path) -> None:
     r = run_pmu("report", "-i", rec, "--format", "xml")
     assert r.returncode == 2
@@ -306,3 +356,39 @@ def test_record_then_report(build: Any, tmp_path: Path) -> None:
     text = run_pmu("report", "-i", out)
     assert text.returncode == 0, text.stderr
     assert f"# Event: uprobe:{mt}:work\n# Samples: 10,000 of event" in text.stdout
+
+
+def test_rates_count_hits_with_a_sample_period(build: Any, tmp_path: Path) -> None:
+    """`record -c 10` keeps one row in 10: `pmu report` still gives hits per second, in text, CSV, JSON
+    and the rate series of the plots. The truth comes from the target: each call of work() is stamped
+    with CLOCK_MONOTONIC before and after, so the hits between the first and the last record are known."""
+    recpath = build("recpath")
+    out = tmp_path / "c10.parquet"
+    n = 3000
+    r = run_pmu("record", "-c", "10", "-o", out, "-e", f"uprobe:{recpath}:work", "--", recpath, "stamp", n)
+    assert r.returncode == 0, r.stderr
+    stamps = np.array([[int(x) for x in line.split()[2:]] for line in r.stdout.splitlines()])
+    assert len(stamps) == n
+    df = analysis.load(out)
+    assert len(df) == n // 10
+    first, last = int(df["time_ns"].min()), int(df["time_ns"].max())
+    middle = stamps.mean(axis=1)
+    true_rate = (np.count_nonzero((middle >= first) & (middle <= last)) - 1) / ((last - first) / 1e9)
+
+    rep = run_pmu("report", "-i", out, "--format", "json")
+    assert rep.returncode == 0, rep.stderr
+    (ev,) = json.loads(rep.stdout)["events"]
+    assert ev["count"] == n // 10 and ev["hits"] == n
+    assert ev["rate_hz"] == pytest.approx(true_rate, rel=0.01)  # not a tenth of it
+    (th,) = ev["threads"]
+    assert th["rate_hz"] == pytest.approx(true_rate, rel=0.01)
+
+    rows = list(csv.DictReader(io.StringIO(run_pmu("report", "-i", out, "--format", "csv").stdout)))
+    assert [float(row["rate_hz"]) for row in rows] == [ev["rate_hz"], th["rate_hz"]]
+    text = run_pmu("report", "-i", out).stdout
+    assert f"s, {ev['rate_hz']:,.1f} hits/s" in text
+    assert f"{th['rate_hz']:,.1f}" in text.split("# ....")[-1]
+
+    series = analysis.rates(df, "1ms")
+    assert series["hits"].sum() == n and series["records"].sum() == n // 10
+    assert np.allclose(series["rate"], series["records"] * 10 / 1e-3)

@@ -246,6 +246,77 @@ def test_load_missing_column(tmp_path: Path) -> None:
         analysis.load(path)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("pmu.hits_per_event", "{broken"),
+        ("pmu.hits_per_event", json.dumps({ENTRY: -1})),
+        ("pmu.hits_per_event", json.dumps([1, 2])),
+        ("pmu.lost_per_event", json.dumps({ENTRY: "many"})),
+        ("pmu.sample_period", "ten"),
+        ("pmu.sample_period", "0"),
+        ("pmu.lost", "-3"),
+        ("pmu.events", json.dumps({"a": 1})),
+        ("pmu.command", "not json"),
+        ("pmu.start_monotonic_ns", "12:00"),
+    ],
+)
+def test_load_corrupt_metadata(tmp_path: Path, key: str, value: str) -> None:
+    path = write_recording(tmp_path / "f.parquet", [1, 2], [1, 1], [ENTRY, ENTRY], metadata={key: value})
+    with pytest.raises(FileError) as e:
+        analysis.load(path)
+    assert e.value.message == f"cannot read {path}: corrupt metadata ({key} is {value!r})"
+
+
+def test_load_metadata_not_utf8(tmp_path: Path) -> None:
+    path = write_recording(tmp_path / "f.parquet", [1], [1], [ENTRY])
+    table = pq.read_table(path)
+    bad = {b"pmu.schema_version": b"1", b"pmu.command": b'["\xff"]', b"pmu.start_time": b"\xff\xfe"}
+    with pq.ParquetWriter(path, table.schema) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata(bad)
+    with pytest.raises(FileError, match="corrupt metadata \\(pmu.start_time is "):
+        analysis.load(path)
+
+
+def _table_with(column: str, values: pa.Array) -> pa.Table:
+    columns = {
+        "time_ns": pa.array([1, 2], pa.int64()),
+        "pid": pa.array([1, 1], pa.int32()),
+        "tid": pa.array([1, 1], pa.int32()),
+        "event": pa.array(["e", "e"]),
+        "ip": pa.array([0, 0], pa.uint64()),
+    }
+    columns[column] = values
+    return pa.table(columns).replace_schema_metadata({"pmu.schema_version": "1"})
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("time_ns", pa.array(["a", "b"]), "column time_ns is string, not integers"),
+        ("pid", pa.array([1.5, 2.0]), "column pid is double, not integers"),
+        ("ip", pa.array([True, False]), "column ip is bool, not integers"),
+        ("event", pa.array([1, 2]), "column event is int64, not event names"),
+        ("arg0", pa.array(["x", "y"]), "column arg0 is string, not integers"),
+        ("latency_ns", pa.array([0.5, None]), "column latency_ns is double, not integers"),
+        ("tid", pa.array([1, None], pa.int32()), "column tid has empty values"),
+    ],
+)
+def test_load_wrong_column_types(tmp_path: Path, column: str, values: pa.Array, message: str) -> None:
+    path = tmp_path / "f.parquet"
+    pq.write_table(_table_with(column, values), path)
+    with pytest.raises(FileError) as e:
+        analysis.load(path)
+    assert e.value.message == f"cannot read {path}: {message}"
+
+
+def test_load_accepts_other_integer_widths_and_plain_strings(tmp_path: Path) -> None:
+    path = tmp_path / "f.parquet"
+    pq.write_table(_table_with("pid", pa.array([1, 1], pa.int64())), path)
+    assert list(analysis.load(path)["pid"]) == [1, 1]
+
+
 # --- rates, gaps, latency ----------------------------------------------------------------------------
 
 
@@ -256,13 +327,13 @@ def test_rates_match_numpy_histograms(rec: Path) -> None:
     first = int(min(scenario()["time_ns"]))
     last = int(max(scenario()["time_ns"]))
     nbins = (last - first) // step + 1
-    assert set(r.columns) == {"event", "pid", "tid", "time_s", "hits", "rate"}
+    assert set(r.columns) == {"event", "pid", "tid", "time_s", "records", "hits", "rate"}
     groups = r.groupby(["event", "tid"], observed=True)
     assert sorted(groups.groups) == [(ENTRY, 101), (ENTRY, 102), (ENTRY, 103), (RET, 101)]
     edges = first + step * np.arange(nbins + 1)
     for (event, tid), rows in groups:
         expected, _ = np.histogram(times_of(event, tid), bins=edges)
-        assert list(rows["hits"]) == list(expected)
+        assert list(rows["hits"]) == list(rows["records"]) == list(expected)
         assert np.allclose(rows["rate"], expected / 0.1)
         assert np.allclose(rows["time_s"], np.arange(nbins) * 0.1)
         assert (rows["pid"] == PID).all()
@@ -282,6 +353,49 @@ def test_rate_intervals(rec: Path, interval: str | int, ns: int) -> None:
         (ENTRY, 103): 200,
         (RET, 101): 400,
     }
+
+
+def test_rates_are_hits_per_second_with_a_sample_period(tmp_path: Path) -> None:
+    """With -c 10 a row stands for 10 hits: every rate (per bin, per thread, per event) counts hits."""
+    # one thread, a record every 1 ms for 1 s (1001 rows): 10 hits per ms, 10,000 hits/s
+    t = [T0 + k * MS for k in range(1001)]
+    path = write_recording(
+        tmp_path / "f.parquet",
+        t,
+        [7] * len(t),
+        [ENTRY] * len(t),
+        metadata={"pmu.sample_period": "10", "pmu.hits_per_event": json.dumps({ENTRY: 10_010})},
+    )
+    df = analysis.load(path)
+    assert analysis.sample_period(df) == 10
+    r = analysis.rates(df, "100ms")
+    assert list(r["records"][:10]) == [100] * 10
+    assert list(r["hits"][:10]) == [1000] * 10
+    assert list(r["rate"][:10]) == [10_000.0] * 10
+    (ev,) = analysis.summary(df)["events"]
+    assert ev["count"] == 1001 and ev["hits"] == 10_010
+    assert ev["rate_hz"] == pytest.approx(10_010 / 1.0)  # the exact count over the span of the records
+    (th,) = ev["threads"]
+    assert th["rate_hz"] == pytest.approx(10_010 / 1.0)  # rows times the period over the thread's span
+
+
+def test_event_rate_without_hit_counts_uses_the_period(tmp_path: Path) -> None:
+    path = write_recording(
+        tmp_path / "f.parquet",
+        [T0, T0 + 500 * MS],
+        [1, 1],
+        [ENTRY, ENTRY],
+        metadata={"pmu.sample_period": "100"},
+        drop=["pmu.hits_per_event"],
+    )
+    (ev,) = analysis.summary(analysis.load(path))["events"]
+    assert ev["hits"] == 200 and ev["rate_hz"] == pytest.approx(400.0)
+
+
+def test_a_frame_built_by_hand_has_period_one() -> None:
+    df = pd.DataFrame({"time_ns": [0, 10**9], "pid": [1, 1], "tid": [1, 1], "event": ["e", "e"]})
+    assert analysis.sample_period(df) == 1
+    assert analysis.summary(df)["events"][0]["rate_hz"] == pytest.approx(2.0)
 
 
 def test_rate_interval_must_be_positive() -> None:

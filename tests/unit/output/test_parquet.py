@@ -267,13 +267,95 @@ def test_existing_file_becomes_old(tmp_path: Path) -> None:
     assert pq.read_table(path).num_rows == 20
 
 
-def test_old_file_is_kept_when_the_new_cannot_be_opened(tmp_path: Path) -> None:
+def test_old_file_is_linked_never_missing(tmp_path: Path) -> None:
+    """The previous PATH becomes PATH.old by a hard link made before the rename: the same file, and
+    PATH is there at every moment."""
+    path = tmp_path / "pmu.parquet"
+    write_file(path, 10)
+    inode = os.stat(path).st_ino
+    write_file(path, 20)
+    assert os.stat(tmp_path / "pmu.parquet.old").st_ino == inode
+    assert pq.read_table(path).num_rows == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pmu.parquet", "pmu.parquet.old"]
+
+
+def test_nothing_is_touched_before_there_is_something_to_write(tmp_path: Path) -> None:
+    """Making a writer only checks PATH; discard (a run that failed before any record) leaves the
+    directory as it was; rows pending in memory are not on disk yet."""
     path = tmp_path / "pmu.parquet"
     path.write_text("precious")
-    (tmp_path / "pmu.parquet.tmp").mkdir()
-    with pytest.raises(FileError, match="^cannot write .*pmu.parquet: Is a directory$"):
-        RecordWriter(path, EVENTS, 0, False, START)
-    assert path.read_text() == "precious" and not (tmp_path / "pmu.parquet.old").exists()
+    w = RecordWriter(path, EVENTS, 2, True, START, row_group_rows=1000)
+    w.write(records(999))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pmu.parquet"] and w.tmp_path is None
+    w.discard()
+    w.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pmu.parquet"]
+    assert path.read_text() == "precious"
+    w.close(FINAL)  # after discard: nothing
+    assert path.read_text() == "precious"
+
+
+def test_discard_after_a_row_group_removes_the_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "pmu.parquet"
+    path.write_text("precious")
+    w = RecordWriter(path, EVENTS, 0, False, START, row_group_rows=100)
+    w.write(records(250))
+    assert w.tmp_path is not None and os.path.exists(w.tmp_path)
+    w.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pmu.parquet"]
+    assert path.read_text() == "precious"
+
+
+def test_planted_links_are_never_followed(tmp_path: Path) -> None:
+    """In a world-writable directory another user may plant links where pmu would write: the
+    temporary file has an unpredictable name and is created with O_EXCL, so none is followed."""
+    victim = tmp_path / "victim"
+    victim.write_text("root's file")
+    out = tmp_path / "shared"
+    out.mkdir()
+    out.chmod(0o1777)
+    path = out / "out.parquet"
+    planted = ["out.parquet.tmp", ".out.parquet.tmp", "out.parquet.old.tmp", ".out.parquet.XXXXXXXX.tmp"]
+    for name in planted:
+        (out / name).symlink_to(victim)
+    write_file(path, 300, row_group_rows=100)
+    assert victim.read_text() == "root's file"
+    assert all((out / name).is_symlink() for name in planted)
+    assert pq.read_table(path).num_rows == 300
+    assert sorted(p.name for p in out.iterdir()) == sorted([*planted, "out.parquet"])
+
+
+def test_temporary_files_are_exclusive_and_private_until_renamed(tmp_path: Path) -> None:
+    path = tmp_path / "pmu.parquet"
+    a = RecordWriter(path, EVENTS, 0, False, START, row_group_rows=10)
+    b = RecordWriter(path, EVENTS, 0, False, START, row_group_rows=10)
+    a.write(records(10))
+    b.write(records(20))
+    assert a.tmp_path is not None and b.tmp_path is not None and a.tmp_path != b.tmp_path
+    for t in (a.tmp_path, b.tmp_path):
+        assert os.path.dirname(t) == str(tmp_path)
+        assert stat.S_IMODE(os.stat(t).st_mode) == 0o600
+    a.close()
+    b.close()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # as open(2) would have made it
+    assert pq.read_table(path).num_rows == 20 and pq.read_table(str(path) + ".old").num_rows == 10
+
+
+def test_a_replaced_temporary_file_is_not_renamed(tmp_path: Path) -> None:
+    """Another user renaming pmu's temporary file away and putting their own under its name (in a
+    directory without the sticky bit): PATH does not become their file."""
+    path = tmp_path / "pmu.parquet"
+    w = RecordWriter(path, EVENTS, 0, False, START, row_group_rows=10)
+    w.write(records(10))
+    assert w.tmp_path is not None
+    w_tmp = w.tmp_path
+    os.rename(w_tmp, tmp_path / "moved")
+    Path(w_tmp).write_text("theirs")
+    with pytest.raises(FileError, match="^cannot write .*pmu.parquet: File exists$"):
+        w.close()
+    assert not path.exists() and Path(w_tmp).read_text() == "theirs"  # and theirs is not removed
 
 
 def test_close_twice_and_write_after_close(tmp_path: Path) -> None:
@@ -304,7 +386,7 @@ def test_close_from_finally_after_interrupt(tmp_path: Path) -> None:
 
 
 def test_killed_writer_leaves_no_file(tmp_path: Path) -> None:
-    """SIGKILL before close: PATH is never a half-written file (only PATH.tmp is left)."""
+    """SIGKILL before close: PATH is never a half-written file (only the temporary file is left)."""
     path = tmp_path / "pmu.parquet"
     code = (
         "import os, signal\n"
@@ -317,7 +399,7 @@ def test_killed_writer_leaves_no_file(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[3]
     p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True)
     assert p.returncode == -9, p.stderr
-    assert not path.exists() and (tmp_path / "pmu.parquet.tmp").exists()
+    assert not path.exists() and len(list(tmp_path.glob(".pmu.parquet.*.tmp"))) == 1
 
 
 def test_bad_input(tmp_path: Path) -> None:
@@ -371,9 +453,26 @@ def test_large_and_strided_batches(tmp_path: Path) -> None:
     assert t["retval"].to_pylist() == retval
 
 
-def test_unwritable_directory(tmp_path: Path) -> None:
+def test_unwritable_paths_are_refused_at_start(tmp_path: Path) -> None:
     with pytest.raises(FileError, match="^cannot write .*/nope/pmu.parquet: No such file or directory$"):
         RecordWriter(tmp_path / "nope" / "pmu.parquet", EVENTS, 0, False, START)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileError, match="^cannot write .*/file/pmu.parquet: Not a directory$"):
+        RecordWriter(tmp_path / "file" / "pmu.parquet", EVENTS, 0, False, START)
+    with pytest.raises(FileError, match=f"^cannot write {tmp_path}: Is a directory$"):
+        RecordWriter(tmp_path, EVENTS, 0, False, START)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_read_only_directory_is_refused_at_start(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        ro = Path("/proc/sys")  # read-only for root too
+        with pytest.raises(FileError, match="^cannot write /proc/sys/pmu.parquet: "):
+            RecordWriter(ro / "pmu.parquet", EVENTS, 0, False, START)
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(FileError, match="Permission denied$"):
+            RecordWriter(tmp_path / "ro" / "pmu.parquet", EVENTS, 0, False, START)
 
 
 def test_read_metadata_errors(tmp_path: Path) -> None:
@@ -410,8 +509,23 @@ def test_no_space_left(full_fs: Path) -> None:
         finally:
             w.close(FINAL)  # as `pmu record` calls it: must not hide the first error
     assert str(e.value) == f"cannot write {path}: No space left on device"
-    assert list(full_fs.iterdir()) == []  # PATH.tmp removed, space given back
+    assert list(full_fs.iterdir()) == []  # the temporary file removed, space given back
     w.close()
+    with pytest.raises(FileError, match="No space left on device$"):  # the failure again, not "closed"
+        w.write(records(10))
+    assert w.failed
+
+
+def test_old_file_is_intact_when_the_new_one_fails(full_fs: Path) -> None:
+    path = full_fs / "pmu.parquet"
+    path.write_text("precious")
+    w = RecordWriter(path, EVENTS, 3, True, START, row_group_rows=10_000, compression="none")
+    with pytest.raises(FileError, match="No space left on device$"):
+        for s in range(0, 200_000, 10_000):
+            w.write(records(10_000, s))
+    w.close(FINAL)
+    assert sorted(p.name for p in full_fs.iterdir()) == ["pmu.parquet"]
+    assert path.read_text() == "precious"
 
 
 def test_no_space_left_at_close(full_fs: Path) -> None:
