@@ -22,20 +22,29 @@ forces the default action on a blocked synchronous trap.
 The area (private anonymous memory: a forked child gets a copy of the tables with its copy of the
 stacks; exec drops the handler with the image):
 
-    0x0000  handler code, then the restorer (rt_sigreturn)      r-x
+    0x0000  handler code                                         r-x
+    0x0D00  the syscall stub (inject.stub_syscall), 0x0E00 its save block
+    0x0F00  the restorer (rt_sigreturn)
     0x1000  the program's sigaction (kernel layout: handler, flags, restorer, mask)
     0x1020  the guard's sigaction
     0x1040  scratch sigaction (what the disposition is at detach)
     0x1060  ret_tramp  u64        the return trampoline's int3 (0: none)
     0x1068  nsites     u64        site entries in use
-    0x2000  sites      (addr, slot) u64 pairs, NSITES of them
-    0x12000 frames     (stack slot, return address) u64 pairs, NFRAMES of them (slot 0 = free)
+    0x2000  sites      (trap address, slot, probe address, 0) u64s, NSITES of them
+    0x22000 frames     (stack slot, return address) u64 pairs, NFRAMES of them
+
+A probe's int3 fills every byte of the displaced instruction, and the return trampoline is two int3s:
+a thread stopped at a trap when pmu dies is not given its SIGTRAP (the kernel drops a signal whose
+delivery stop outlives the tracer) and resumes after the int3; it then traps on the next one, this
+time with no tracer to drop the signal, and the handler knows that address too. A probe on a 1-byte
+instruction has no second byte to trap on: a thread caught in that window skips the instruction.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from pmu.trace.trampoline import _assemble, _Insn
 
@@ -47,6 +56,8 @@ SIG_DFL, SIG_IGN = 0, 1
 SI_KERNEL = 0x80
 
 CODE = 0x0000
+STUB = 0x0D00
+SAVE = 0x0E00
 RESTORER = 0x0F00
 OLD_ACT = 0x1000
 NEW_ACT = 0x1020
@@ -55,7 +66,7 @@ RET_TRAMP = 0x1060
 NSITES_USED = 0x1068
 SITES = 0x2000
 NSITES = 4096
-FRAMES = SITES + 16 * NSITES
+FRAMES = SITES + 32 * NSITES
 NFRAMES = 8192
 SIZE = FRAMES + 16 * NFRAMES
 CODE_PAGE = 0x1000
@@ -87,8 +98,11 @@ def handler_code() -> bytes:
         ("", b"\x48\x8b\x82" + _d32(UC_RIP), None),  # mov rax, [rdx+RIP]
         ("", b"\x4c\x8d\x40\xff", None),  # lea r8, [rax-1]           where the int3 is
         ("", b"\x4d\x3b\x83" + _d32(RET_TRAMP), None),  # cmp r8, [r11+RET_TRAMP]
-        ("", b"\x75", "sites"),  # jne sites
-        ("", b"\x4c\x8b\x92" + _d32(UC_RSP), None),  # mov r10, [rdx+RSP]
+        ("", b"\x74", "ret"),  # je ret
+        ("", b"\x4d\x8d\x48\xff", None),  # lea r9, [r8-1]            the trampoline's second int3:
+        ("", b"\x4d\x3b\x8b" + _d32(RET_TRAMP), None),  # cmp r9, [r11+RET_TRAMP]   its first one's trap
+        ("", b"\x75", "sites"),  # jne sites                                 dropped as pmu died
+        ("ret", b"\x4c\x8b\x92" + _d32(UC_RSP), None),  # mov r10, [rdx+RSP]
         ("", b"\x49\x83\xea\x08", None),  # sub r10, 8                the slot `ret` popped
         ("", b"\x49\x8d\x8b" + _d32(FRAMES), None),  # lea rcx, [r11+FRAMES]
         ("", b"\x41\xb9" + struct.pack("<I", NFRAMES), None),  # mov r9d, NFRAMES
@@ -106,14 +120,14 @@ def handler_code() -> bytes:
         ("", b"\x74", "chain"),  # je chain
         ("sloop", b"\x4c\x39\x01", None),  # cmp [rcx], r8
         ("", b"\x74", "sfound"),  # je sfound
-        ("", b"\x48\x83\xc1\x10", None),  # add rcx, 16
+        ("", b"\x48\x83\xc1\x20", None),  # add rcx, 32
         ("", b"\x49\xff\xc9", None),  # dec r9
         ("", b"\x75", "sloop"),  # jne sloop
         ("", b"\xeb", "chain"),  # jmp chain
         ("sfound", b"\x48\x8b\x41\x08", None),  # mov rax, [rcx+8]          the out-of-line slot
         ("", b"\x41\x80\x38\xcc", None),  # cmp byte [r8], 0xcc
         ("", b"\x74", "setrip"),  # je setrip
-        ("", b"\x4c\x89\xc0", None),  # mov rax, r8               int3 removed meanwhile: rewind
+        ("", b"\x48\x8b\x41\x10", None),  # mov rax, [rcx+16]         int3 removed meanwhile: rewind
         ("setrip", b"\x48\x89\x82" + _d32(UC_RIP), None),  # mov [rdx+RIP], rax
         ("", b"\xc3", None),  # ret                       to the restorer: rt_sigreturn
         ("chain", b"\x49\x8b\x83" + _d32(OLD_ACT), None),  # mov rax, [r11+OLD_ACT]   the program's
@@ -147,12 +161,54 @@ def handler_code() -> bytes:
 RESTORER_CODE = b"\xb8" + struct.pack("<I", SYS_RT_SIGRETURN) + b"\x0f\x05"  # mov eax, 15; syscall
 
 
-def code_page() -> bytes:
-    """The first page of the area: the handler at CODE and the restorer at RESTORER."""
+_SAVED = (
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rbp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+)
+
+
+def stub_code(base: int) -> bytes:
+    """`syscall`, then every register reloaded from the save block and a return to where the thread
+    was: rsp is pointed at the block, the registers popped in _SAVED order, then the flags, then rsp
+    (to 8 bytes below the red zone, where pmu wrote the thread's rip), and `ret 128` goes back."""
+    pops = {
+        "rax": b"\x58", "rbx": b"\x5b", "rcx": b"\x59", "rdx": b"\x5a", "rsi": b"\x5e", "rdi": b"\x5f",
+        "rbp": b"\x5d", "r8": b"\x41\x58", "r9": b"\x41\x59", "r10": b"\x41\x5a", "r11": b"\x41\x5b",
+        "r12": b"\x41\x5c", "r13": b"\x41\x5d", "r14": b"\x41\x5e", "r15": b"\x41\x5f",
+    }  # fmt: skip
+    code = b"\x0f\x05" + b"\x48\xbc" + struct.pack("<Q", base + SAVE)  # syscall; movabs rsp, SAVE
+    code += b"".join(pops[r] for r in _SAVED)
+    return code + b"\x9d" + b"\x5c" + b"\xc2\x80\x00"  # popfq; pop rsp; ret 128
+
+
+def save_block(regs: Any, back: int) -> bytes:
+    """The stub's save block for registers `regs` (a user_regs_struct) returning through `back`."""
+    values = [int(getattr(regs, r)) for r in _SAVED] + [int(regs.eflags), back]
+    return struct.pack(f"<{len(values)}Q", *(v & 0xFFFFFFFFFFFFFFFF for v in values))
+
+
+def code_page(base: int) -> bytes:
+    """The first page of the area at `base`: the handler, the syscall stub and the restorer."""
     code = handler_code()
-    assert len(code) <= RESTORER
+    assert len(code) <= STUB
     page = bytearray(CODE_PAGE)
     page[CODE : CODE + len(code)] = code
+    stub = stub_code(base)
+    assert len(stub) <= SAVE - STUB
+    page[STUB : STUB + len(stub)] = stub
     page[RESTORER : RESTORER + len(RESTORER_CODE)] = RESTORER_CODE
     return bytes(page)
 
@@ -177,6 +233,8 @@ class Guard:
     """pmu's mirror of one address space's guard area: where it is, and which entries are in use."""
 
     base: int
+    installed: bool = False
+    """Whether the handler is SIGTRAP's disposition (the area exists from the first syscall pmu runs)."""
     sites: dict[int, int] = field(default_factory=dict)
     """Probe address -> index of its entry."""
     frames: dict[int, int] = field(default_factory=dict)
@@ -189,24 +247,27 @@ class Guard:
 
     def copy(self) -> Guard:
         """A forked child's: the same area at the same address, a copy of its tables."""
-        return Guard(self.base, dict(self.sites), dict(self.frames), dict(self.owner), dict(self.free))
+        return Guard(
+            self.base, self.installed, dict(self.sites), dict(self.frames), dict(self.owner), dict(self.free)
+        )
 
-    def site_entry(self, addr: int, slot: int) -> tuple[int, bytes] | None:
-        """(where, bytes) to write so the site at addr is guarded; None if the table is full. The
-        caller writes NSITES_USED too (see nsites_bytes)."""
-        index = self.sites.get(addr)
+    def site_entry(self, trap: int, slot: int, probe: int) -> tuple[int, bytes] | None:
+        """(where, bytes) to write so that an int3 at `trap` (a byte of the probe at `probe`) goes on in
+        `slot`, or back to `probe` once removed; None if the table is full. The caller writes
+        NSITES_USED too (see nsites_bytes)."""
+        index = self.sites.get(trap)
         if index is None:
             if len(self.sites) >= NSITES:
                 return None
-            index = self.sites[addr] = len(self.sites)
-        return self.base + SITES + 16 * index, struct.pack("<QQ", addr, slot)
+            index = self.sites[trap] = len(self.sites)
+        return self.base + SITES + 32 * index, struct.pack("<QQQQ", trap, slot, probe, 0)
 
     def forget_site(self, addr: int) -> tuple[int, bytes] | None:
         """The code at addr was unmapped: its entry must no longer match (its index stays used)."""
         index = self.sites.get(addr)
         if index is None:
             return None
-        return self.base + SITES + 16 * index, struct.pack("<QQ", 0, 0)
+        return self.base + SITES + 32 * index, struct.pack("<QQQQ", 0, 0, 0, 0)
 
     def nsites_bytes(self) -> tuple[int, bytes]:
         return self.base + NSITES_USED, struct.pack("<Q", len(self.sites))

@@ -1,7 +1,13 @@
 """Syscalls run inside a stopped tracee: mmap and munmap of the out-of-line area, as gdb runs infcalls.
 
-The thread's registers and the two code bytes we borrow are restored exactly; a signal that arrives
-meanwhile is handed back to the caller to deliver later, unchanged.
+The thread's registers (and the two code bytes the first syscall in a process borrows) are restored
+exactly; a signal that arrives meanwhile is handed back to the caller to deliver later, unchanged.
+
+Once a process has pmu's guard area (guard.py), syscalls run through its restoring stub instead of
+borrowed bytes: the thread is pointed at `syscall` followed by code that reloads every register from
+a save block and returns to where the thread was. pmu normally puts the registers back itself after
+the one step; the stub's own way back is for a pmu killed in between, so that its death never leaves a
+thread with borrowed registers or a process with borrowed code.
 """
 
 from __future__ import annotations
@@ -65,6 +71,46 @@ def inject_syscall(tid: int, mm: AddressSpace, nr: int, *args: int) -> tuple[int
             # PTRACE_EVENT stops (interrupt, exit) cannot complete the step: step again.
     finally:
         mm.write(at, orig)
+        pt.set_regs(tid, saved)
+    if result >= 1 << 63:
+        result -= 1 << 64
+    return result, pending
+
+
+def stub_syscall(
+    tid: int, mm: AddressSpace, stub: int, save: int, nr: int, *args: int
+) -> tuple[int, list[int]]:
+    """Run syscall `nr` in stopped thread `tid` through the restoring stub at `stub` (guard.py's
+    layout: its save block at `save`). Same contract as inject_syscall."""
+    from pmu.trace.guard import save_block
+
+    saved = pt.get_regs(tid)
+    regs = pt.copy_regs(saved)
+    regs.rip = stub
+    regs.rax = nr
+    regs.orig_rax = -1 & 0xFFFFFFFFFFFFFFFF
+    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
+        setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
+    back = saved.rsp - RED_ZONE - 8  # the stub's `ret 128` returns through here: below the red zone
+    mm.write(back, int(saved.rip).to_bytes(8, "little"))
+    mm.write(save, save_block(saved, back))
+    pending: list[int] = []
+    pt.set_regs(tid, regs)
+    try:
+        while True:
+            pt.singlestep(tid)
+            _, status = pt.wait(tid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                raise TraceError(f"thread {tid} died while pmu ran a syscall in it")
+            sig = os.WSTOPSIG(status)
+            if sig == signal.SIGTRAP and status >> 16 == 0:
+                now = pt.get_regs(tid)
+                if now.rip == stub + len(SYSCALL_INSN):
+                    result = int(now.rax)
+                    break
+            elif status >> 16 == 0:
+                pending.append(sig)
+    finally:
         pt.set_regs(tid, saved)
     if result >= 1 << 63:
         result -= 1 << 64

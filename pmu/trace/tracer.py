@@ -524,6 +524,21 @@ class Tracer:
         task.shadow.clear()
         task.mm = AddressSpace(task.tid)
         task.mm.tasks.add(task)
+        self._leave_exec_syscall(task)
+
+    def _leave_exec_syscall(self, task: Task) -> None:
+        """At its exec stop a thread is still inside execve, whose return value the kernel writes to rax
+        once it resumes: a syscall run in it now would run as syscall 0 (read). One step takes the
+        thread out to the new image's first instruction, where syscalls can be run in it."""
+        try:
+            pt.singlestep(task.tid)
+            tid, status = pt.wait(task.tid)
+        except (pt.PtraceError, ChildProcessError):
+            return
+        if (status & 0xFF) != 0x7F:
+            self.pending.append((tid, status))
+        elif status >> 16 or (status >> 8) & 0xFF != signal.SIGTRAP:
+            self.pending.append((tid, status))  # a real stop: handled by the loop later
 
     def _exited(self, task: Task, status: int) -> None:
         if task.state not in (TaskState.EXITED, TaskState.EXITING):
@@ -645,10 +660,10 @@ class Tracer:
             slot = self._alloc_slot(mm, addr, stopped_tid)
             body, length = build_slot(code, addr, slot)
             mm.write(slot, body)
-            self._guard_site(mm, stopped_tid, addr, slot)
-            mm.write(addr, INT3)
+            self._guard_site(mm, stopped_tid, addr, slot, length)
+            mm.write(addr, INT3 * length)  # every byte: see guard.py for a trap dropped as pmu dies
             mm.removed.discard(addr)
-            mm.breakpoints[addr] = Breakpoint(addr, code[:1], slot, length, [consumer])
+            mm.breakpoints[addr] = Breakpoint(addr, code[:length], slot, length, [consumer])
 
     # ---- jump-optimized probes --------------------------------------------------------------------
 
@@ -725,7 +740,14 @@ class Tracer:
         return mm.ring
 
     def _syscall(self, tid: int, mm: AddressSpace, nr: int, *args: int) -> int:
-        result, signals = inject.inject_syscall(tid, mm, nr, *args)
+        """Run a syscall in stopped thread tid of mm: through the guard area's restoring stub (made by
+        the first syscall pmu runs in mm), so that a pmu killed meanwhile leaves nothing borrowed."""
+        g = self._guard_area(mm, tid)
+        if g is None:
+            result, signals = inject.inject_syscall(tid, mm, nr, *args)
+        else:
+            stub, save = g.base + guard.STUB, g.base + guard.SAVE
+            result, signals = inject.stub_syscall(tid, mm, stub, save, nr, *args)
         for sig in signals:
             self.pending.append((tid, (sig << 8) | 0x7F))
         return result
@@ -803,7 +825,7 @@ class Tracer:
                 g = self._guard(mm, tid)
                 if g is not None:
                     mm.write(g.base + guard.RET_TRAMP, slot.to_bytes(8, "little"))
-                mm.write(slot, INT3)
+                mm.write(slot, INT3 * 2)  # the second for a trap dropped as pmu dies (guard.py)
                 mm.ret_tramp = slot
         return mm.ret_tramp
 
@@ -882,54 +904,75 @@ class Tracer:
 
     # ---- the trap guard ---------------------------------------------------------------------------
 
-    def _guard(self, mm: AddressSpace, tid: int) -> guard.Guard | None:
-        """mm's trap guard, installed on first use (every thread of mm stopped, `tid` one of them): an
-        area with the handler, then the program's SIGTRAP disposition saved and the guard's set. None
-        if it cannot be installed (the probes then work, unguarded should pmu die)."""
+    def _guard_area(self, mm: AddressSpace, tid: int) -> guard.Guard | None:
+        """mm's guard area, mapped by the first syscall pmu runs in mm (the only one that borrows code
+        bytes at a thread's rip); None if it cannot be mapped."""
         if mm.guard is not None:
             return mm.guard
-        prot = inject.PROT_READ | inject.PROT_WRITE
+        prot = inject.PROT_READ | inject.PROT_EXEC
         flags = inject.MAP_PRIVATE | inject.MAP_ANONYMOUS
-        base = self._syscall(tid, mm, inject.SYS_MMAP, 0, guard.SIZE, prot, flags, -1, 0)
+        base, signals = inject.inject_syscall(tid, mm, inject.SYS_MMAP, 0, guard.SIZE, prot, flags, -1, 0)
+        for sig in signals:
+            self.pending.append((tid, (sig << 8) | 0x7F))
         if base < 0:
             return None
-        mm.write(base, guard.code_page())
-        old = base + guard.OLD_ACT
-        if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, 0, old, 8) < 0:
-            self._syscall(tid, mm, inject.SYS_MUNMAP, base, guard.SIZE)
-            return None
-        _, old_flags, _, _ = guard.parse_sigaction(mm.read(old, 32))
-        mm.write(base + guard.NEW_ACT, guard.guard_action(base, old_flags))
-        code = inject.PROT_READ | inject.PROT_EXEC
-        if self._syscall(tid, mm, inject.SYS_MPROTECT, base, guard.CODE_PAGE, code) < 0 or (
-            self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, base + guard.NEW_ACT, 0, 8) < 0
-        ):
-            self._syscall(tid, mm, inject.SYS_MUNMAP, base, guard.SIZE)
-            return None
+        mm.write(base, guard.code_page(base))
         mm.guard = guard.Guard(base)
         return mm.guard
 
-    def _guard_site(self, mm: AddressSpace, tid: int, addr: int, slot: int) -> None:
-        """Tell mm's guard where the int3 about to be written at addr continues (its slot)."""
+    def _guard(self, mm: AddressSpace, tid: int) -> guard.Guard | None:
+        """mm's trap guard, installed on first use (every thread of mm stopped, `tid` one of them): the
+        program's SIGTRAP disposition saved and the guard's handler set. None if it cannot be installed
+        (the probes then work, unguarded should pmu die)."""
+        g = self._guard_area(mm, tid)
+        if g is None or g.installed:
+            return g
+        base = g.base
+        data = inject.PROT_READ | inject.PROT_WRITE
+        if self._syscall(
+            tid, mm, inject.SYS_MPROTECT, base + guard.CODE_PAGE, guard.SIZE - guard.CODE_PAGE, data
+        ):
+            return None
+        old = base + guard.OLD_ACT
+        if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, 0, old, 8) < 0:
+            return None
+        _, old_flags, _, _ = guard.parse_sigaction(mm.read(old, 32))
+        mm.write(base + guard.NEW_ACT, guard.guard_action(base, old_flags))
+        if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, base + guard.NEW_ACT, 0, 8) < 0:
+            return None
+        g.installed = True
+        return g
+
+    def _guard_site(self, mm: AddressSpace, tid: int, addr: int, slot: int, length: int) -> None:
+        """Tell mm's guard where the int3s about to be written over the `length` bytes at addr continue
+        (the probe's slot)."""
         g = self._guard(mm, tid)
-        entry = g.site_entry(addr, slot) if g is not None else None
-        if g is not None and entry is not None:
-            mm.write(*entry)
-            mm.write(*g.nsites_bytes())
+        if g is None:
+            return
+        for trap in range(addr, addr + length):
+            entry = g.site_entry(trap, slot, addr)
+            if entry is not None:
+                mm.write(*entry)
+        mm.write(*g.nsites_bytes())
 
     def _unguard(self, mm: AddressSpace, tid: int) -> None:
         """Put the program's SIGTRAP disposition back (unless it set one of its own meanwhile) and unmap
-        the guard. Every int3 of ours must be gone already."""
+        the guard area: the last syscall pmu runs in mm. Every int3 of ours must be gone already."""
         g = mm.guard
         if g is None:
             return
+        if g.installed:
+            query = g.base + guard.QUERY
+            if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, 0, query, 8) >= 0:
+                handler, _, _, _ = guard.parse_sigaction(mm.read(query, 32))
+                if handler == g.base + guard.CODE:
+                    self._syscall(
+                        tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, g.base + guard.OLD_ACT, 0, 8
+                    )
         mm.guard = None
-        query = g.base + guard.QUERY
-        if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, 0, query, 8) >= 0:
-            handler, _, _, _ = guard.parse_sigaction(mm.read(query, 32))
-            if handler == g.base + guard.CODE:
-                self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, g.base + guard.OLD_ACT, 0, 8)
-        self._syscall(tid, mm, inject.SYS_MUNMAP, g.base, guard.SIZE)
+        _, signals = inject.munmap(tid, mm, g.base, guard.SIZE)  # not through the stub it unmaps
+        for sig in signals:
+            self.pending.append((tid, (sig << 8) | 0x7F))
 
     def remove(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None:
         """Drop `consumer` from the int3 at `addr`; restore the original byte when it was the last."""
@@ -958,10 +1001,12 @@ class Tracer:
         if bp is not None:
             bp.consumers.clear()
             mm.internal.pop(addr, None)
-        entry = mm.guard.forget_site(addr) if mm.guard is not None else None
-        if entry is not None:
-            with contextlib.suppress(OSError):
-                mm.write(*entry)
+        length = bp.length if bp is not None else 1
+        for trap in range(addr, addr + length):
+            entry = mm.guard.forget_site(trap) if mm.guard is not None else None
+            if entry is not None:
+                with contextlib.suppress(OSError):
+                    mm.write(*entry)
 
     def collect(self, mm: AddressSpace) -> None:
         """Restore every breakpoint and jump patch of mm that nothing holds (after a fork)."""
@@ -984,14 +1029,14 @@ class Tracer:
             hint = free_gap_near(maps, addr, AREA_SIZE)
             if hint is None:
                 break
-            base, signals = inject.mmap_near(tid, mm, hint, AREA_SIZE)
-            for sig in signals:
-                self.pending.append((tid, (sig << 8) | 0x7F))
+            prot = inject.PROT_READ | inject.PROT_EXEC
+            flags = inject.MAP_PRIVATE | inject.MAP_ANONYMOUS | inject.MAP_FIXED_NOREPLACE
+            base = self._syscall(tid, mm, inject.SYS_MMAP, hint, AREA_SIZE, prot, flags, -1, 0)
             if base == hint:
                 mm.areas.append(SlotArea(base, AREA_SIZE, size))
                 return base
             if base > 0 and base < 1 << 47:  # mapped elsewhere: give it back
-                inject.munmap(tid, mm, base, AREA_SIZE)
+                self._syscall(tid, mm, inject.SYS_MUNMAP, base, AREA_SIZE)
             maps = mm.maps()
         raise TraceError(f"cannot map an out-of-line area near {addr:#x} in process {mm.pid}")
 
@@ -1171,8 +1216,6 @@ class Tracer:
         mm.internal.clear()
         mm.jumps.clear()
         stopped = [t for t in mm.tasks if t.state is TaskState.STOPPED]
-        if stopped:
-            self._unguard(mm, stopped[0].tid)
         if stopped and mm.counters is not None:
             self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, mm.counters.address, mm.counters.size)
             mm.counters = None
@@ -1181,9 +1224,11 @@ class Tracer:
             mm.ring = None
         if stopped:
             for area in mm.areas:
-                _, signals = inject.munmap(stopped[0].tid, mm, area.base, area.size)
-                for sig in signals:
-                    deliver.setdefault(stopped[0].tid, sig)
+                self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, area.base, area.size)
+            self._unguard(mm, stopped[0].tid)
+            while self.pending and self.pending[-1][0] == stopped[0].tid:  # signals that came meanwhile
+                _, status = self.pending.pop()
+                deliver.setdefault(stopped[0].tid, (status >> 8) & 0xFF)
         mm.areas.clear()
 
     def _step_out_of_slots(self, task: Task, deliver: dict[int, int]) -> None:
