@@ -78,3 +78,32 @@ def test_unrelocatable_instruction(build):
     _one_line_error(r, "cannot probe f_ud2", "ud2")
     assert r.stdout == ""
     assert processes_running(reloc) == []
+
+
+def test_version():
+    """`pmu --version` prints the installed package's version (as perf prints its own) and exits 0."""
+    import tomllib
+
+    from tests.conftest import ROOT
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        expected = tomllib.load(f)["project"]["version"]
+    r = run_pmu("--version")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"pmu version {expected}\n", "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        ((), ["required: COMMAND", "(see 'pmu --help')"]),
+        (("bogus",), ["invalid choice: 'bogus'", "(see 'pmu --help')"]),
+        (("stat", "--bogus", "-e", "uprobe:work", "--", "true"), ["--bogus", "(see 'pmu stat --help')"]),
+        (("record", "--bogus", "-e", "uprobe:work", "--", "true"), ["--bogus", "(see 'pmu record --help')"]),
+        (("list", "libc", "x", "y"), ["unrecognized arguments: y", "(see 'pmu list --help')"]),
+        (("stat", "-x"), ["expected one argument", "(see 'pmu stat --help')"]),
+    ],
+)
+def test_usage_errors_point_to_the_right_help(argv, needles):
+    r = run_pmu(*argv)
+    _one_line_error(r, *needles)
+    assert "pmu pmu" not in r.stderr
