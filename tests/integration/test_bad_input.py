@@ -107,3 +107,23 @@ def test_usage_errors_point_to_the_right_help(argv, needles):
     r = run_pmu(*argv)
     _one_line_error(r, *needles)
     assert "pmu pmu" not in r.stderr
+
+
+def test_ldconfig_in_path_is_not_run(tmp_path):
+    """An `ldconfig` planted first in $PATH (pmu often runs as root) is never run: the system's is."""
+    import os
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    mark = tmp_path / "ran"
+    fake = bindir / "ldconfig"
+    libc = os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6")
+    fake.write_text(f"#!/bin/sh\ntouch {mark}\nprintf '\\tlibpmufake.so.1 (libc6,x86-64) => {libc}\\n'\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    r = run_pmu("list", "libpmufake", "malloc", env=env, cwd=str(bindir))
+    _one_line_error(r, "unknown library 'libpmufake'")
+    assert not mark.exists()
+    r = run_pmu("list", "libc", "malloc", env=env)  # the system's cache is read
+    assert r.returncode == 0 and r.stdout == "malloc\n", r.stderr
+    assert not mark.exists()
