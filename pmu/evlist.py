@@ -370,10 +370,14 @@ class Evlist:
         or until SIGINT/SIGTERM/SIGHUP or the processes exit; then leave them exactly as they were."""
         if argv:
             resolve_command(argv)
-        targets = [(pid, None) for pid in pids] + [(_tgid_of(tid), tid) for tid in tids]
-        for pid, tid in targets:
-            if tid is not None and pid not in pids:
-                self.only_tids.setdefault(pid, set()).add(tid)
+        # One attach per process: -t threads of one process share it (and -p takes every thread).
+        targets: dict[int, set[int] | None] = dict.fromkeys(pids)
+        for tid in tids:
+            pid = _tgid_of(tid)
+            only = targets.setdefault(pid, set())
+            if only is not None:
+                only.add(tid)
+        self.only_tids = {pid: only for pid, only in targets.items() if only is not None}
         if not targets:
             raise UsageError("nothing to attach to")
         start = time.monotonic()
@@ -388,11 +392,12 @@ class Evlist:
 
         with _signals(on_signal, STOP_SIGNALS), self._ticking(), _alarm_wakes():
             try:
-                for pid, tid in targets:
-                    tasks = self.tracer.attach(pid, only_tid=tid)
-                    counted = [t for t in tasks if tid is None or t.tid == tid]
-                    self._open_on(counted)
-                for pid, _ in targets:
+                for pid, only in targets.items():
+                    tasks = self.tracer.attach(pid)
+                    if only is not None and (missing := only - {t.tid for t in tasks}):
+                        raise ProcessError(f"no thread {min(missing)} in process {pid}")
+                    self._open_on([t for t in tasks if only is None or t.tid in only])
+                for pid in targets:
                     self.tracer.start(self.tracer.tasks[pid])
                 if argv:
                     child = subprocess.Popen(list(argv), env=environ.for_commands())

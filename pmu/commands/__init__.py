@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        from pmu.commands.options import check_args
+
+        check_args(args)
         status: int = args.func(args)
     except PmuError as err:
         sys.stderr.write(f"pmu: {err.message}\n")

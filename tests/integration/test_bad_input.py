@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tests.conftest import processes_running, run_pmu
 
 
-def _one_line_error(r, *needles: str) -> None:
+def _one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
@@ -127,3 +129,38 @@ def test_ldconfig_in_path_is_not_run(tmp_path):
     r = run_pmu("list", "libc", "malloc", env=env)  # the system's cache is read
     assert r.returncode == 0 and r.stdout == "malloc\n", r.stderr
     assert not mark.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("stat", "-p", ""), "bad pid list '': expected numbers separated by commas"),
+        (("stat", "-t", ""), "bad tid list '': expected numbers separated by commas"),
+        (("stat", "-p", "1,,2"), "bad pid list '1,,2': expected numbers separated by commas"),
+        (("stat", "-p", "0"), "bad pid list '0': 0 is not a pid (1 to 2147483647)"),
+        (
+            ("stat", "-t", "4294967297"),
+            "bad tid list '4294967297': 4294967297 is not a tid (1 to 2147483647)",
+        ),
+        (("stat", "-x", ""), "bad -x '': the field separator must be at least one character"),
+        (
+            ("record", "-c", "18446744073709551616"),
+            "bad -c/--count 18446744073709551616: expected a number from 1 to 18446744073709551615",
+        ),
+        (("record", "-c", "0"), "bad -c/--count 0: expected a number from 1 to 18446744073709551615"),
+        (("record", "--args", "7"), "bad --args 7: expected a number from 0 to 6"),
+        (("record", "--args", "-1"), "bad --args -1: expected a number from 0 to 6"),
+        (("record", "-m", "0"), "bad -m/--mmap-pages 0: expected a number from 1 to 262144"),
+        (("record", "-m", "262145"), "bad -m/--mmap-pages 262145: expected a number from 1 to 262144"),
+    ],
+)
+def test_bad_number(build, tmp_path, argv, expected):
+    """Every numeric option is checked for its range before anything runs or is written."""
+    hot = build("hot")
+    out = tmp_path / "out.parquet"
+    r = run_pmu(*argv, "-o", out, "-e", "uprobe:work", "--", hot, "10")
+    _one_line_error(r)
+    assert r.stderr == f"pmu: {expected}\n"
+    assert r.stdout == ""
+    assert not out.exists()
+    assert processes_running(hot) == []
