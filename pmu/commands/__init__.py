@@ -7,6 +7,7 @@ Each subcommand module offers `add_parser(subparsers)` (registering its options 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -78,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `pmu ARGV`; return the exit status. PmuErrors become one line on stderr."""
     environ.set_own()
     try:
+        environ.check_address_space()
         parser = build_parser()
         args = parser.parse_args(argv)
         from pmu.commands.options import check_args
@@ -89,9 +91,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_status
     except KeyboardInterrupt:
         return 130
+    except MemoryError:  # raised anywhere (numpy, pyarrow, the tracer): the tracees were restored on the way
+        if os.environ.get("PMU_DEBUG"):
+            raise
+        sys.stderr.write(OUT_OF_MEMORY)
+        return 2
     except Exception as err:  # a bug of ours: the tracees were already restored by the finally blocks
         if os.environ.get("PMU_DEBUG"):
             raise
-        sys.stderr.write(f"pmu: internal error: {type(err).__name__}: {err} (PMU_DEBUG=1 shows where)\n")
+        if _for_want_of_memory(err):
+            sys.stderr.write(OUT_OF_MEMORY)
+        else:
+            sys.stderr.write(f"pmu: internal error: {type(err).__name__}: {err} (PMU_DEBUG=1 shows where)\n")
         return 2
     return status
+
+
+OUT_OF_MEMORY = "pmu: out of memory (a limit such as ulimit -v, or the machine's memory is exhausted)\n"
+
+_NO_MEMORY_TEXTS = ("failed to map segment from shared object", "cannot allocate memory")
+"""What the dynamic linker (dlopen of an extension module or its libraries) says for want of memory."""
+
+
+def _for_want_of_memory(err: BaseException) -> bool:
+    """Whether an exception (an ImportError of numpy's, say) was caused by memory running out: a MemoryError
+    or ENOMEM in its chain, or the dynamic linker's words for a mapping that failed."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, MemoryError):
+            return True
+        if isinstance(cause, OSError) and cause.errno == errno.ENOMEM:
+            return True
+        if isinstance(cause, ImportError | OSError) and any(
+            text in str(cause).lower() for text in _NO_MEMORY_TEXTS
+        ):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False

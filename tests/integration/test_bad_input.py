@@ -164,3 +164,29 @@ def test_bad_number(build, tmp_path, argv, expected):
     assert r.stdout == ""
     assert not out.exists()
     assert processes_running(hot) == []
+
+
+@pytest.mark.parametrize("megabytes", [30, 50, 80, 90])
+def test_out_of_address_space(build, megabytes):
+    """Under `ulimit -v`: one line, exit 2, whether numpy's import, its OpenBLAS (which would exit 1 from C)
+    or anything later runs out; the command never runs."""
+    import resource
+    import sys
+
+    hot = build("hot")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (megabytes << 20, megabytes << 20))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pmu", "stat", "-e", "uprobe:work", "--", hot, "10"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=60,
+    )
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (
+        "pmu: out of memory (a limit such as ulimit -v, or the machine's memory is exhausted)\n"
+    )
+    assert processes_running(hot) == []
