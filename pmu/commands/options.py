@@ -61,9 +61,9 @@ def ids(text: str | None, what: str) -> list[int]:
 
 
 NUMBERS: dict[str, tuple[str, int, int]] = {
-    "period": ("-c/--count", 1, (1 << 64) - 1),
+    "period": ("-c period", 1, (1 << 64) - 1),
     "args": ("--args", 0, 6),
-    "pages": ("-m/--mmap-pages", 1, 1 << 18),
+    "pages": ("-m pages", 1, 1 << 18),
 }
 """{dest: (option, lowest, highest)} for every integer option of every subcommand: a sample period is a
 u64 as perf's, x86-64 passes 6 integer arguments in registers, a ring has at most 2**18 pages
@@ -76,7 +76,8 @@ def check_args(args: argparse.Namespace) -> None:
     for dest, (option, low, high) in NUMBERS.items():
         value = getattr(args, dest, None)
         if isinstance(value, int) and not low <= value <= high:
-            raise UsageError(f"bad {option} {value}: expected a number from {low} to {high}")
+            bound = f"at least {low}" if value < low else f"at most {high}"
+            raise UsageError(f"bad {option} {value}: must be {bound}")
     if getattr(args, "sep", None) == "":
         raise UsageError("bad -x '': the field separator must be at least one character")
     if hasattr(args, "pid"):

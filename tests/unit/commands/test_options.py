@@ -27,11 +27,12 @@ def test_every_integer_option_has_a_range():
 @pytest.mark.parametrize("dest", sorted(NUMBERS))
 def test_the_ends_of_each_range(dest):
     option, low, high = NUMBERS[dest]
-    flag = option.split("/")[0]
+    flag = option.split()[0]
     for value, ok in ((low, True), (high, True), (low - 1, False), (high + 1, False)):
         args = build_parser().parse_args(["record", flag, str(value), "-e", "uprobe:work", "--", "x"])
         if ok:
             check_args(args)
         else:
-            with pytest.raises(UsageError, match=f"bad {option} {value}: expected a number from {low}"):
+            bound = f"at least {low}" if value < low else f"at most {high}"
+            with pytest.raises(UsageError, match=f"bad {option} {value}: must be {bound}$"):
                 check_args(args)
