@@ -1,82 +1,35 @@
 """The `pmu` command line: one module per subcommand, dispatched here; errors printed once, here.
 
 Each subcommand module offers `add_parser(subparsers)` (registering its options and setting
-`func=run` as the parser default) and `run(args) -> int` (the exit status).
+`func=run` as the parser default) and `run(args) -> int` (the exit status). The parser is in
+pmu.commands.parser; this module imports nothing at its top that the interpreter has not loaded already,
+so that `main` starts before anything heavy is imported.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pmu import environ
-from pmu.errors import PmuError
-
-_SUBCOMMANDS = ("stat", "record", "list", "report")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in one line with exit status 2, naming the --help to read."""
-
-    help_prog: str | None = None
-    """Whose --help a usage error points to (default: this parser's own, `pmu` or `pmu stat`)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"pmu: {message} (see '{self.help_prog or self.prog} --help')\n")
-        raise SystemExit(2)
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        """As argparse's; an option the subcommand does not know points to the subcommand's --help."""
-        ns, extras = super().parse_known_args(args, namespace)
-        sub = getattr(ns, "subcommand", None)
-        self.help_prog = f"{self.prog} {sub}" if extras and sub else None
-        return ns, extras
-
-
-class _Version(argparse.Action):
-    """--version: pmu's version from the installed package's metadata, printed as perf prints its own."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
-        sys.stdout.write(f"pmu version {version()}\n")
-        sys.stdout.flush()
-        raise SystemExit(0)
-
-
-def version() -> str:
-    """The installed pmu's version (package metadata); the source tree's when pmu is not installed."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("pmu")
-    except metadata.PackageNotFoundError:
-        from pmu import __version__
-
-        return __version__
+if TYPE_CHECKING:
+    import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
+    """The whole command line (pmu.commands.parser)."""
+    from pmu.commands.parser import build_parser as build
 
-    parser = _Parser(prog="pmu", description="perf for user-space probes")
-    parser.add_argument("--version", action=_Version, help="print pmu's version and exit")
-    sub = parser.add_subparsers(dest="subcommand", parser_class=_Parser, metavar="COMMAND")
-    sub.required = True
-    for name in _SUBCOMMANDS:
-        module = importlib.import_module(f"pmu.commands.{name}")
-        module.add_parser(sub)
-    return parser
+    return build()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `pmu ARGV`; return the exit status. PmuErrors become one line on stderr."""
+    from pmu import environ
+    from pmu.errors import PmuError
+
     environ.set_own()
     try:
         environ.check_address_space()
