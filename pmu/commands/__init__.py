@@ -1,9 +1,9 @@
 """The `pmu` command line: one module per subcommand, dispatched here; errors printed once, here.
 
 Each subcommand module offers `add_parser(subparsers)` (registering its options and setting
-`func=run` as the parser default) and `run(args) -> int` (the exit status). The parser is in
-pmu.commands.parser; this module imports nothing at its top that the interpreter has not loaded already,
-so that `main` starts before anything heavy is imported.
+`func=run` as the parser default) and `run(args) -> int` (the exit status). `main` takes the stop signals
+over before it imports anything heavy (pmu.stopping), so this module imports nothing at its top that the
+interpreter has not loaded already.
 """
 
 from __future__ import annotations
@@ -26,8 +26,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `pmu ARGV`; return the exit status. PmuErrors become one line on stderr."""
-    from pmu import environ
+    """Run `pmu ARGV`; return the exit status. PmuErrors become one line on stderr; a stop signal that comes
+    before the run starts ends pmu by that signal, once what was started is undone (pmu.stopping).
+
+    Takes SIGINT, SIGTERM and SIGHUP over for the rest of the process's life (list and report give them
+    back: they trace nothing), and returns with them blocked: what comes once the run is over and
+    reported changes nothing, as pmu is about to exit."""
+    try:
+        from pmu import stopping
+
+        stopping.take_over()
+    except KeyboardInterrupt:  # Python's own SIGINT handler, a moment before ours was in
+        _die_of_sigint()
+    status = _main(argv)
+    stopping.hold()
+    return status
+
+
+def _die_of_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from pmu import environ, stopping
     from pmu.errors import PmuError
 
     environ.set_own()
@@ -36,9 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         from pmu.commands.options import check_args
+        from pmu.commands.parser import TRACING
 
+        if args.subcommand not in TRACING:
+            stopping.give_back()
         check_args(args)
+        stopping.check()
         status: int = args.func(args)
+    except stopping.StopRequested as stop:
+        stopping.die(stop.signum)
+        raise
     except PmuError as err:
         sys.stderr.write(f"pmu: {err.message}\n")
         return err.exit_status

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMANDS = ("stat", "record", "list", "report")
+TRACING = frozenset({"stat", "record"})
+"""The subcommands that trace processes: the ones that keep the stop signals (pmu.stopping)."""
 
 
 class _Parser(argparse.ArgumentParser):
