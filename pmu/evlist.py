@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pmu import environ
+from pmu import environ, stopping
 from pmu.errors import FileError, ProcessError, UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Counts, Event
@@ -39,7 +39,6 @@ from pmu.uprobe_pmu import UprobePmu
 if TYPE_CHECKING:
     from pmu.ring import Ring
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DRAIN_CHUNK = 8192
 """Records taken from a trampoline ring at a time (their first lines, 512 KiB, stay in the cache while
 they are copied and converted)."""
@@ -329,27 +328,41 @@ class Evlist:
 
     def run_command(self, argv: Sequence[str]) -> RunResult:
         """Launch argv with every event disabled and enable_on_exec, count until it exits."""
+        stopping.check()
         exe = resolve_command(argv)
         self.uprobe.exe = exe
         _check_exe(exe)
         for evsel in self.evsels:  # every bad event is reported before anything runs
             self.uprobe.resolve(evsel.attr.probe)
+            stopping.check()
         start = time.monotonic()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        # The command gets the terminal's ^C itself (and dies of it or not, as without pmu), as under
-        # perf stat; pmu ignores it and counts until the command exits.
-        sigint = signal.getsignal(signal.SIGINT)
+        # The command starts with the dispositions pmu found (SIGINT ignored in a script's background job,
+        # SIGHUP under nohup), and Python's SIGPIPE and SIGXFSZ back to the default, as a shell gives them.
         child_signals: dict[int, signal.Handlers] = {
             signal.SIGPIPE: signal.SIG_DFL,
             signal.SIGXFSZ: signal.SIG_DFL,
-            signal.SIGINT: signal.SIG_IGN if sigint == signal.SIG_IGN else signal.SIG_DFL,
+            **{s: stopping.original(s) for s in stopping.STOP_SIGNALS},
         }
-        with _signals(signal.SIG_IGN, (signal.SIGINT,)), self._ticking():
+        running = False
+
+        def on_stop(signum: int) -> None:
+            # Once the command runs, it gets the terminal's ^C itself (and dies of it or not, as without
+            # pmu), as under perf stat: pmu counts until it exits. SIGTERM and SIGHUP are passed on to it.
+            if running and signum != signal.SIGINT and self.tracer.root_status is None:
+                with contextlib.suppress(OSError):
+                    os.kill(task.pid, signum)
+
+        with stopping.listen(on_stop), self._ticking():
             task = self.tracer.launch(argv, exe, child_signals, environ.for_commands())
             try:
                 for evsel in self.evsels:
                     evsel.events.append(self.sched.open(evsel.attr, task))
                 self.sched.task_exec(task)
+                if stopping.requested():  # before the command ran any of its code: it never will
+                    self.tracer.kill_all()
+                    stopping.check()
+                running = True
                 self.tracer.start(task)
                 self.tracer.run_until_root_exits()
             finally:
@@ -368,39 +381,62 @@ class Evlist:
     ) -> RunResult:
         """Count on running processes (every thread) or single threads, for as long as `argv` runs,
         or until SIGINT/SIGTERM/SIGHUP or the processes exit; then leave them exactly as they were."""
+        stopping.check()
         if argv:
             resolve_command(argv)
-        targets = [(pid, None) for pid in pids] + [(_tgid_of(tid), tid) for tid in tids]
-        for pid, tid in targets:
-            if tid is not None and pid not in pids:
-                self.only_tids.setdefault(pid, set()).add(tid)
+        # One attach per process: -t threads of one process share it (and -p takes every thread).
+        targets: dict[int, set[int] | None] = dict.fromkeys(pids)
+        for tid in tids:
+            pid = _tgid_of(tid)
+            only = targets.setdefault(pid, set())
+            if only is not None:
+                only.add(tid)
+        self.only_tids = {pid: only for pid, only in targets.items() if only is not None}
         if not targets:
             raise UsageError("nothing to attach to")
         start = time.monotonic()
         interrupted = False
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
+        done = False
+        child: subprocess.Popen[bytes] | None = None
+        waiting: subprocess.Popen[bytes] | None = None
+
+        def on_stop(signum: int) -> None:
             nonlocal interrupted
+            if done:
+                return  # the run is over: what comes now is the end it would have anyway
             interrupted = True
             self.tracer.request_stop()
+            if waiting is not None:  # the processes are gone, the command runs on: end it
+                _terminate(waiting)
             # Should the signal have come just before the loop blocked, a second one wakes it.
             signal.setitimer(signal.ITIMER_REAL, 0.05)
 
-        with _signals(on_signal, STOP_SIGNALS), self._ticking(), _alarm_wakes():
+        with _alarm_wakes(), stopping.listen(on_stop), self._ticking():
             try:
-                for pid, tid in targets:
-                    tasks = self.tracer.attach(pid, only_tid=tid)
-                    counted = [t for t in tasks if tid is None or t.tid == tid]
-                    self._open_on(counted)
-                for pid, _ in targets:
+                for pid, only in targets.items():
+                    tasks = self.tracer.attach(pid)
+                    if only is not None and (missing := only - {t.tid for t in tasks}):
+                        raise ProcessError(f"no thread {min(missing)} in process {pid}")
+                    stopping.check()
+                    self._open_on([t for t in tasks if only is None or t.tid in only])
+                stopping.check()  # the run starts: from now on a stop ends it, counts printed
+                for pid in targets:
                     self.tracer.start(self.tracer.tasks[pid])
-                if argv:
+                if argv and not interrupted:
                     child = subprocess.Popen(list(argv), env=environ.for_commands())
                     self.tracer.watch(child.pid)
                 self.tracer.run()
-                if argv and self.tracer.watched_status is None and not interrupted:
-                    child.wait()
+                if child is not None and self.tracer.watched_status is None:
+                    waiting = child
+                    if interrupted:  # as perf stat does with its command: SIGTERM, not waited for
+                        _terminate(child)
+                    else:
+                        child.wait()
+                    waiting = None
             finally:
+                done = True
+                signal.setitimer(signal.ITIMER_REAL, 0)
                 self.close()
         return RunResult(
             status=0, elapsed_s=time.monotonic() - start, user_s=0.0, sys_s=0.0, interrupted=interrupted
@@ -415,6 +451,7 @@ class Evlist:
                 self.uprobe.exe = os.path.realpath(f"/proc/{tasks[0].pid}/exe")
         for evsel in self.evsels:
             self.uprobe.resolve(evsel.attr.probe, mapped)
+            stopping.check()
             for task in tasks:
                 evsel.events.append(self.sched.open(evsel.attr, task))
 
@@ -498,6 +535,12 @@ def _alarm_wakes() -> Iterator[None]:
 
     with _signals(on_alarm, (signal.SIGALRM,)):
         yield
+
+
+def _terminate(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to a command pmu started and has not reaped (safe in a signal handler)."""
+    with contextlib.suppress(OSError):
+        os.kill(child.pid, signal.SIGTERM)
 
 
 def _check_exe(exe: str) -> None:

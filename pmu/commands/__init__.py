@@ -1,57 +1,116 @@
 """The `pmu` command line: one module per subcommand, dispatched here; errors printed once, here.
 
 Each subcommand module offers `add_parser(subparsers)` (registering its options and setting
-`func=run` as the parser default) and `run(args) -> int` (the exit status).
+`func=run` as the parser default) and `run(args) -> int` (the exit status). `main` takes the stop signals
+over before it imports anything heavy (pmu.stopping), so this module imports nothing at its top that the
+interpreter has not loaded already.
 """
 
 from __future__ import annotations
 
-import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pmu import environ
-from pmu.errors import PmuError
-
-_SUBCOMMANDS = ("stat", "record", "list", "report")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in one line with exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"pmu: {message} (see 'pmu {self.prog.split()[-1]} --help')\n")
-        raise SystemExit(2)
+if TYPE_CHECKING:
+    import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
+    """The whole command line (pmu.commands.parser)."""
+    from pmu.commands.parser import build_parser as build
 
-    parser = _Parser(prog="pmu", description="perf for user-space probes")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    sub.required = True
-    for name in _SUBCOMMANDS:
-        module = importlib.import_module(f"pmu.commands.{name}")
-        module.add_parser(sub)
-    return parser
+    return build()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `pmu ARGV`; return the exit status. PmuErrors become one line on stderr."""
+    """Run `pmu ARGV`; return the exit status. PmuErrors become one line on stderr; a stop signal that comes
+    before the run starts ends pmu by that signal, once what was started is undone (pmu.stopping).
+
+    Takes SIGINT, SIGTERM and SIGHUP over for the rest of the process's life (list and report give them
+    back: they trace nothing), and returns with them blocked: what comes once the run is over and
+    reported changes nothing, as pmu is about to exit."""
+    try:
+        from pmu import stopping
+
+        stopping.take_over()
+    except KeyboardInterrupt:  # Python's own SIGINT handler, a moment before ours was in
+        _die_of_sigint()
+    status = _main(argv)
+    stopping.hold()
+    return status
+
+
+def _die_of_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from pmu import environ, stopping
+    from pmu.errors import PmuError
+
     environ.set_own()
     try:
+        environ.check_address_space()
         parser = build_parser()
         args = parser.parse_args(argv)
+        from pmu.commands.options import check_args
+        from pmu.commands.parser import TRACING
+
+        if args.subcommand not in TRACING:
+            stopping.give_back()
+        check_args(args)
+        stopping.check()
         status: int = args.func(args)
+    except stopping.StopRequested as stop:
+        stopping.die(stop.signum)
+        raise
     except PmuError as err:
         sys.stderr.write(f"pmu: {err.message}\n")
         return err.exit_status
     except KeyboardInterrupt:
         return 130
+    except MemoryError:  # raised anywhere (numpy, pyarrow, the tracer): the tracees were restored on the way
+        if os.environ.get("PMU_DEBUG"):
+            raise
+        sys.stderr.write(OUT_OF_MEMORY)
+        return 2
     except Exception as err:  # a bug of ours: the tracees were already restored by the finally blocks
         if os.environ.get("PMU_DEBUG"):
             raise
-        sys.stderr.write(f"pmu: internal error: {type(err).__name__}: {err} (PMU_DEBUG=1 shows where)\n")
+        if _for_want_of_memory(err):
+            sys.stderr.write(OUT_OF_MEMORY)
+        else:
+            sys.stderr.write(f"pmu: internal error: {type(err).__name__}: {err} (PMU_DEBUG=1 shows where)\n")
         return 2
     return status
+
+
+OUT_OF_MEMORY = "pmu: out of memory (a limit such as ulimit -v, or the machine's memory is exhausted)\n"
+
+_NO_MEMORY_TEXTS = ("failed to map segment from shared object", "cannot allocate memory")
+"""What the dynamic linker (dlopen of an extension module or its libraries) says for want of memory."""
+
+
+def _for_want_of_memory(err: BaseException) -> bool:
+    """Whether an exception (an ImportError of numpy's, say) was caused by memory running out: a MemoryError
+    or ENOMEM in its chain, or the dynamic linker's words for a mapping that failed."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, MemoryError):
+            return True
+        if isinstance(cause, OSError) and cause.errno == errno.ENOMEM:
+            return True
+        if isinstance(cause, ImportError | OSError) and any(
+            text in str(cause).lower() for text in _NO_MEMORY_TEXTS
+        ):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from pmu.commands import targets
 from pmu.errors import UsageError
 
 if TYPE_CHECKING:
@@ -55,16 +56,32 @@ def launched(args: argparse.Namespace) -> bool:
 
 
 def ids(text: str | None, what: str) -> list[int]:
-    """A -p/-t list: numbers separated by commas."""
-    if not text:
-        return []
-    try:
-        found = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"bad {what} list '{text}': expected numbers separated by commas") from None
-    if not found or any(i <= 0 for i in found):
-        raise UsageError(f"bad {what} list '{text}'")
-    return found
+    """A -p/-t list: numbers separated by commas ([] when the option is not given)."""
+    return targets.parse_ids(text, what)
+
+
+NUMBERS: dict[str, tuple[str, int, int]] = {
+    "period": ("-c period", 1, (1 << 64) - 1),
+    "args": ("--args", 0, 6),
+    "pages": ("-m pages", 1, 1 << 18),
+}
+"""{dest: (option, lowest, highest)} for every integer option of every subcommand: a sample period is a
+u64 as perf's, x86-64 passes 6 integer arguments in registers, a ring has at most 2**18 pages
+(`pmu.ring.MAX_PAGES`)."""
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What every subcommand's options must be, checked once parsed and before anything runs: integers in
+    their range, a -x separator, and -p/-t targets pmu can attach to (each given once)."""
+    for dest, (option, low, high) in NUMBERS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, int) and not low <= value <= high:
+            bound = f"at least {low}" if value < low else f"at most {high}"
+            raise UsageError(f"bad {option} {value}: must be {bound}")
+    if getattr(args, "sep", None) == "":
+        raise UsageError("bad -x '': the field separator must be at least one character")
+    if hasattr(args, "pid"):
+        targets.check(ids(args.pid, "pid"), ids(args.tid, "tid"))
 
 
 def report_engines_and_errors(evlist: Evlist, verbose: bool) -> None:

@@ -14,7 +14,6 @@ import fnmatch
 import functools
 import os
 import re
-import shutil
 import stat
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +29,10 @@ _ELF_MAGIC = b"\x7fELF"
 _EM_X86_64 = 62
 _MAX_INSN = 15
 """Longest x86-64 instruction, in bytes."""
+
+LDCONFIG_PATHS = ("/sbin/ldconfig", "/usr/sbin/ldconfig")
+"""The system's ldconfig, by absolute path only: pmu often runs as root, and an `ldconfig` found through
+$PATH (a directory of the user's, the current one) would run as root too. Run with a fixed environment."""
 
 _STANDARD_DIRS = (
     "/lib/x86_64-linux-gnu",
@@ -283,9 +286,7 @@ def _ld_cache_matches(name: str) -> Iterator[str]:
 @functools.cache
 def _ld_cache() -> tuple[tuple[str, str], ...]:
     """(soname, path) of the x86-64 libraries in the ld.so cache, in the cache's order."""
-    ldconfig = shutil.which("ldconfig") or next(
-        (p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.access(p, os.X_OK)), None
-    )
+    ldconfig = next((p for p in LDCONFIG_PATHS if os.access(p, os.X_OK)), None)
     if ldconfig is None:
         return ()
     try:
@@ -295,7 +296,7 @@ def _ld_cache() -> tuple[tuple[str, str], ...]:
             text=True,
             timeout=10,
             check=False,
-            env={**os.environ, "LC_ALL": "C"},
+            env={"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return ()

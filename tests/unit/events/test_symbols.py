@@ -590,6 +590,41 @@ def test_parse_ldconfig() -> None:
     )
 
 
+def _fake_ldconfig(tmp_path: Path) -> tuple[Path, Path]:
+    """A directory holding an `ldconfig` that leaves a mark when run and claims that libpmufake.so.1 is
+    libc; and the mark's path."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    mark = tmp_path / "ran"
+    fake = bindir / "ldconfig"
+    fake.write_text(
+        f"#!/bin/sh\ntouch {mark}\n"
+        f"printf '1 libs found\\n\\tlibpmufake.so.1 (libc6,x86-64) => {os.path.realpath(LIBC)}\\n'\n"
+    )
+    fake.chmod(0o755)
+    return bindir, mark
+
+
+def test_ld_cache_uses_the_system_ldconfig_not_one_in_path(tmp_path: Path, monkeypatch) -> None:
+    """pmu runs as root: an `ldconfig` planted first in $PATH (or in the current directory) is never run."""
+    bindir, mark = _fake_ldconfig(tmp_path)
+    subprocess.run([bindir / "ldconfig"], check=True, capture_output=True)  # the fake works when run
+    assert mark.exists()
+    mark.unlink()
+    monkeypatch.setenv("PATH", f"{bindir}:.:{os.environ['PATH']}")
+    monkeypatch.chdir(bindir)
+    symbols._ld_cache.cache_clear()
+    try:
+        assert library_candidates("libpmufake") == []
+        assert not mark.exists()
+        # ... and the system's is: its cache is what `/sbin/ldconfig -p` prints.
+        system = next(p for p in symbols.LDCONFIG_PATHS if os.access(p, os.X_OK))
+        assert symbols._ld_cache() == parse_ldconfig(_run(system, "-p"))
+        assert symbols._ld_cache()
+    finally:
+        symbols._ld_cache.cache_clear()
+
+
 # --- big files ---------------------------------------------------------------------------------------
 
 
