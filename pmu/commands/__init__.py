@@ -75,10 +75,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return err.exit_status
     except KeyboardInterrupt:
         return 130
-    except MemoryError:  # raised anywhere (numpy, pyarrow, the tracer): the tracees were restored on the way
+    except MemoryError as err:  # raised anywhere (numpy, pyarrow, the tracer): the tracees were restored
         if os.environ.get("PMU_DEBUG"):
             raise
-        sys.stderr.write(OUT_OF_MEMORY)
+        said = str(err)  # pmu's own say what ran out ("out of memory: cannot map a ring of ...")
+        sys.stderr.write(f"pmu: {said}\n" if said.startswith("out of memory") else OUT_OF_MEMORY)
         return 2
     except Exception as err:  # a bug of ours: the tracees were already restored by the finally blocks
         if os.environ.get("PMU_DEBUG"):
