@@ -1,15 +1,17 @@
-"""The trap guard: a SIGTRAP handler pmu installs in a process before it writes its first int3 there, so
-that a trap pmu leaves behind never kills the process, even when pmu itself is killed (SIGKILL).
+"""The trap guard: a SIGTRAP (and SIGILL) handler pmu installs in a process before it writes its first
+trap there, so that a trap pmu leaves behind never kills the process, even when pmu itself is killed
+(SIGKILL).
 
 While pmu traces the process the handler never runs for pmu's own traps: each int3 of ours stops the
 thread and pmu handles it. Only when no tracer is left (pmu died) does the kernel deliver such a trap
 to the process, and the handler then does what pmu would have done, minus the counting:
 
-- an int3 at a probe site: continue in the site's out-of-line slot (the relocated displaced
-  instruction and a jump back), or rewind to the site if its int3 was removed meanwhile;
+- an int3 at a probe site (or the invalid opcode UD on a 1-byte instruction, a SIGILL): continue in
+  the site's out-of-line slot (the relocated displaced instruction and a jump back), or rewind to the
+  site if its trap was removed meanwhile;
 - the int3 that hijacked returns land on: return to the real return address, found by stack slot in
   the frame table pmu fills at every hijack;
-- any other SIGTRAP (the program's own int3, raise(SIGTRAP), kill -TRAP): what the program's own
+- any other SIGTRAP or SIGILL (the program's own int3 or ud2, raise, kill -TRAP): what the program's own
   disposition says. A handler of the program's is called with the same arguments; SIG_IGN returns;
   SIG_DFL is put back and the signal raised again, so the process dies of SIGTRAP as it would have.
 
@@ -30,14 +32,17 @@ stacks; exec drops the handler with the image):
     0x1040  scratch sigaction (what the disposition is at detach)
     0x1060  ret_tramp  u64        the return trampoline's int3 (0: none)
     0x1068  nsites     u64        site entries in use
-    0x2000  sites      (trap address, slot, probe address, 0) u64s, NSITES of them
+    0x1080  the program's SIGILL sigaction, 0x10A0 the guard's
+    0x2000  sites      (trap address, slot, probe address, trap opcode) u64s, NSITES of them
     0x22000 frames     (stack slot, return address) u64 pairs, NFRAMES of them
 
 A probe's int3 fills every byte of the displaced instruction, and the return trampoline is two int3s:
 a thread stopped at a trap when pmu dies is not given its SIGTRAP (the kernel drops a signal whose
 delivery stop outlives the tracer) and resumes after the int3; it then traps on the next one, this
-time with no tracer to drop the signal, and the handler knows that address too. A probe on a 1-byte
-instruction has no second byte to trap on: a thread caught in that window skips the instruction.
+time with no tracer to drop the signal, and the handler knows that address too. A 1-byte instruction
+has no second byte to trap on: its probe is the invalid opcode UD instead of an int3, a fault that
+leaves RIP at the trap, so a thread whose SIGILL was dropped runs the trap again, and this time the
+handler has it (the SIGILL disposition is taken over only once such a probe exists).
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ from typing import Any
 from pmu.trace.trampoline import _assemble, _Insn
 
 SIGTRAP = 5
+SIGILL = 4
+ILL_ILLOPN = 2
+"""si_code of the SIGILL an invalid opcode (#UD) raises."""
+UD = 0x06
+"""The trap written over a 1-byte instruction: invalid in 64-bit mode, so a fault (#UD, SIGILL) that
+leaves RIP at the byte, where an int3 is a trap that leaves it after."""
+INT3 = 0xCC
 SA_SIGINFO = 0x4
 SA_ONSTACK = 0x08000000
 SA_RESTORER = 0x04000000
@@ -64,6 +76,8 @@ NEW_ACT = 0x1020
 QUERY = 0x1040
 RET_TRAMP = 0x1060
 NSITES_USED = 0x1068
+OLD_ILL = 0x1080
+NEW_ILL = 0x10A0
 SITES = 0x2000
 NSITES = 4096
 FRAMES = SITES + 32 * NSITES
@@ -88,11 +102,13 @@ def _d32(v: int) -> bytes:
 
 
 def handler_code() -> bytes:
-    """The handler (rdi = signal, rsi = siginfo, rdx = ucontext), position independent: it finds the
-    area from its own address. It uses only rax, rcx, r8-r11 until it hands over to the program's
-    handler with rdi, rsi and rdx as the kernel passed them."""
+    """The handler of SIGTRAP and SIGILL (rdi = signal, rsi = siginfo, rdx = ucontext), position
+    independent: it finds the area from its own address. It uses only rax, rcx, r8-r11 until it hands
+    over to the program's handler with rdi, rsi and rdx as the kernel passed them."""
     prog: list[_Insn] = [
         ("", b"\x4c\x8d\x1d" + _d32(-7), None),  # lea r11, [rip-7]         the area (this insn is first)
+        ("", b"\x83\xff" + bytes([SIGILL]), None),  # cmp edi, SIGILL
+        ("", b"\x74", "ill"),  # je ill
         ("", b"\x81\x7e" + bytes([SI_CODE]) + struct.pack("<I", SI_KERNEL), None),  # cmp [rsi+8], SI_KERNEL
         ("", b"\x75", "chain"),  # jne chain                 not a trap instruction: not ours
         ("", b"\x48\x8b\x82" + _d32(UC_RIP), None),  # mov rax, [rdx+RIP]
@@ -124,21 +140,30 @@ def handler_code() -> bytes:
         ("", b"\x49\xff\xc9", None),  # dec r9
         ("", b"\x75", "sloop"),  # jne sloop
         ("", b"\xeb", "chain"),  # jmp chain
+        ("ill", b"\x81\x7e" + bytes([SI_CODE]) + struct.pack("<I", ILL_ILLOPN), None),  # cmp [rsi+8], ILLOPN
+        ("", b"\x75", "chain"),  # jne chain                 not an invalid opcode: not ours
+        ("", b"\x4c\x8b\x82" + _d32(UC_RIP), None),  # mov r8, [rdx+RIP]         a fault: at the trap
+        ("", b"\xeb", "sites"),  # jmp sites
         ("sfound", b"\x48\x8b\x41\x08", None),  # mov rax, [rcx+8]          the out-of-line slot
-        ("", b"\x41\x80\x38\xcc", None),  # cmp byte [r8], 0xcc
+        ("", b"\x45\x0f\xb6\x08", None),  # movzx r9d, byte [r8]
+        ("", b"\x4c\x3b\x49\x18", None),  # cmp r9, [rcx+24]          the trap still there?
         ("", b"\x74", "setrip"),  # je setrip
-        ("", b"\x48\x8b\x41\x10", None),  # mov rax, [rcx+16]         int3 removed meanwhile: rewind
+        ("", b"\x48\x8b\x41\x10", None),  # mov rax, [rcx+16]         removed meanwhile: rewind
         ("setrip", b"\x48\x89\x82" + _d32(UC_RIP), None),  # mov [rdx+RIP], rax
         ("", b"\xc3", None),  # ret                       to the restorer: rt_sigreturn
-        ("chain", b"\x49\x8b\x83" + _d32(OLD_ACT), None),  # mov rax, [r11+OLD_ACT]   the program's
+        ("chain", b"\x49\x8d\x8b" + _d32(OLD_ACT), None),  # lea rcx, [r11+OLD_ACT]   the program's
+        ("", b"\x83\xff" + bytes([SIGILL]), None),  # cmp edi, SIGILL            disposition of the
+        ("", b"\x75", "chosen"),  # jne chosen                signal
+        ("", b"\x49\x8d\x8b" + _d32(OLD_ILL), None),  # lea rcx, [r11+OLD_ILL]
+        ("chosen", b"\x48\x8b\x01", None),  # mov rax, [rcx]
         ("", b"\x48\x83\xf8\x01", None),  # cmp rax, SIG_IGN
         ("", b"\x74", "out"),  # je out
         ("", b"\x48\x85\xc0", None),  # test rax, rax             SIG_DFL?
         ("", b"\x74", "dfl"),  # je dfl
         ("", b"\xff\xe0", None),  # jmp rax                   its handler, same arguments
         ("out", b"\xc3", None),  # ret
-        ("dfl", b"\xbf" + struct.pack("<I", SIGTRAP), None),  # mov edi, SIGTRAP
-        ("", b"\x49\x8d\xb3" + _d32(OLD_ACT), None),  # lea rsi, [r11+OLD_ACT]
+        ("dfl", b"\x41\x89\xf9", None),  # mov r9d, edi              the signal, kept over syscalls
+        ("", b"\x48\x89\xce", None),  # mov rsi, rcx              its old (default) disposition
         ("", b"\x31\xd2", None),  # xor edx, edx
         ("", b"\x41\xba\x08\x00\x00\x00", None),  # mov r10d, 8
         ("", b"\xb8" + struct.pack("<I", SYS_RT_SIGACTION), None),  # mov eax, rt_sigaction
@@ -150,7 +175,7 @@ def handler_code() -> bytes:
         ("", b"\x0f\x05", None),  # syscall
         ("", b"\x48\x89\xc6", None),  # mov rsi, rax
         ("", b"\x4c\x89\xc7", None),  # mov rdi, r8
-        ("", b"\xba" + struct.pack("<I", SIGTRAP), None),  # mov edx, SIGTRAP
+        ("", b"\x44\x89\xca", None),  # mov edx, r9d              the signal
         ("", b"\xb8" + struct.pack("<I", SYS_TGKILL), None),  # mov eax, tgkill
         ("", b"\x0f\x05", None),  # syscall                   pending until the handler returns
         ("", b"\xc3", None),  # ret
@@ -235,6 +260,8 @@ class Guard:
     base: int
     installed: bool = False
     """Whether the handler is SIGTRAP's disposition (the area exists from the first syscall pmu runs)."""
+    ill_installed: bool = False
+    """Whether it is SIGILL's too (from the first probe on a 1-byte instruction)."""
     sites: dict[int, int] = field(default_factory=dict)
     """Probe address -> index of its entry."""
     frames: dict[int, int] = field(default_factory=dict)
@@ -248,19 +275,25 @@ class Guard:
     def copy(self) -> Guard:
         """A forked child's: the same area at the same address, a copy of its tables."""
         return Guard(
-            self.base, self.installed, dict(self.sites), dict(self.frames), dict(self.owner), dict(self.free)
+            self.base,
+            self.installed,
+            self.ill_installed,
+            dict(self.sites),
+            dict(self.frames),
+            dict(self.owner),
+            dict(self.free),
         )
 
-    def site_entry(self, trap: int, slot: int, probe: int) -> tuple[int, bytes] | None:
-        """(where, bytes) to write so that an int3 at `trap` (a byte of the probe at `probe`) goes on in
-        `slot`, or back to `probe` once removed; None if the table is full. The caller writes
-        NSITES_USED too (see nsites_bytes)."""
+    def site_entry(self, trap: int, slot: int, probe: int, opcode: int = INT3) -> tuple[int, bytes] | None:
+        """(where, bytes) to write so that the trap `opcode` at `trap` (a byte of the probe at `probe`)
+        goes on in `slot`, or back to `probe` once removed; None if the table is full. The caller
+        writes NSITES_USED too (see nsites_bytes)."""
         index = self.sites.get(trap)
         if index is None:
             if len(self.sites) >= NSITES:
                 return None
             index = self.sites[trap] = len(self.sites)
-        return self.base + SITES + 32 * index, struct.pack("<QQQQ", trap, slot, probe, 0)
+        return self.base + SITES + 32 * index, struct.pack("<QQQQ", trap, slot, probe, opcode)
 
     def forget_site(self, addr: int) -> tuple[int, bytes] | None:
         """The code at addr was unmapped: its entry must no longer match (its index stays used)."""

@@ -77,6 +77,28 @@ def inject_syscall(tid: int, mm: AddressSpace, nr: int, *args: int) -> tuple[int
     return result, pending
 
 
+_RESTART = {512, 513, 514}
+"""-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND: a blocking syscall the stop interrupted."""
+_RESTART_BLOCK = 516
+SYS_RESTART_SYSCALL = 219
+
+
+def _restarted(regs: pt.Regs) -> pt.Regs:
+    """`regs` of a thread stopped inside a blocking syscall (rax a restart code), made to run the
+    syscall again. The kernel does that itself when it resumes the thread from its stop, but a thread
+    that leaves through the stub returns from the stub's syscall-exit stop, where no restart is made:
+    its read() would return -512 to the program."""
+    orig = int(regs.orig_rax)
+    code = (-int(regs.rax)) & 0xFFFFFFFFFFFFFFFF
+    if orig >= 1 << 63 or not (code in _RESTART or code == _RESTART_BLOCK):
+        return regs
+    fixed = pt.copy_regs(regs)
+    fixed.rax = SYS_RESTART_SYSCALL if code == _RESTART_BLOCK else orig
+    fixed.rip = int(regs.rip) - len(SYSCALL_INSN)
+    fixed.orig_rax = -1 & 0xFFFFFFFFFFFFFFFF
+    return fixed
+
+
 def stub_syscall(
     tid: int, mm: AddressSpace, stub: int, save: int, nr: int, *args: int
 ) -> tuple[int, list[int]]:
@@ -84,7 +106,7 @@ def stub_syscall(
     layout: its save block at `save`). Same contract as inject_syscall."""
     from pmu.trace.guard import save_block
 
-    saved = pt.get_regs(tid)
+    saved = _restarted(pt.get_regs(tid))
     regs = pt.copy_regs(saved)
     regs.rip = stub
     regs.rax = nr
@@ -96,20 +118,24 @@ def stub_syscall(
     mm.write(save, save_block(saved, back))
     pending: list[int] = []
     pt.set_regs(tid, regs)
+    # Syscall stops, not a single step: a pmu killed at either stop leaves a thread that simply goes on
+    # through the stub, where a step's SIGTRAP, pending as pmu dies, would be delivered to the program.
+    entered = False
     try:
         while True:
-            pt.singlestep(tid)
+            pt.syscall(tid)
             _, status = pt.wait(tid)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 raise TraceError(f"thread {tid} died while pmu ran a syscall in it")
             sig = os.WSTOPSIG(status)
-            if sig == signal.SIGTRAP and status >> 16 == 0:
-                now = pt.get_regs(tid)
-                if now.rip == stub + len(SYSCALL_INSN):
-                    result = int(now.rax)
+            if sig == pt.SYSCALL_TRAP and status >> 16 == 0:
+                if entered:
+                    result = int(pt.get_regs(tid).rax)
                     break
+                entered = True
             elif status >> 16 == 0:
                 pending.append(sig)
+            # PTRACE_EVENT stops (interrupt, exit): resume to the syscall's stops.
     finally:
         pt.set_regs(tid, saved)
     if result >= 1 << 63:

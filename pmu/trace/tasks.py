@@ -95,7 +95,7 @@ class Breakpoint:
 
     addr: int
     orig: bytes
-    """The byte the int3 replaced."""
+    """The bytes the trap replaced (the displaced instruction: int3 over each, or UD over a lone one)."""
     slot: int
     """Address of the out-of-line copy of the displaced instruction (followed by a jump back)."""
     length: int = 1
@@ -118,6 +118,8 @@ class JumpPatch:
     """(offset in the patched bytes, address in the trampoline) for each displaced instruction."""
     users: int = 1
     """Sites that use it; a forked child's copies have none until re-added."""
+    lock_at: int = 0
+    """Address of its trampoline's nop-or-lock byte (trampoline.LOCK)."""
 
 
 @dataclass(eq=False)
@@ -183,6 +185,8 @@ class AddressSpace:
         """Address of the int3 that hijacked returns land on (in an out-of-line area)."""
         self.internal: dict[int, str] = {}
         """Tracer-owned breakpoints (address -> purpose), such as the dynamic linker's r_brk."""
+        self.locked = False
+        """Whether its trampolines' row increments are locked (two live threads share an FS base)."""
         self.guard: Guard | None = None
         """The SIGTRAP handler that keeps a trap of ours harmless should pmu die (see guard.py)."""
         self.dead = False

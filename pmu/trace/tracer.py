@@ -42,6 +42,8 @@ from pmu.trace.tasks import (
 )
 
 INT3 = b"\xcc"
+UD = bytes([guard.UD])
+"""The trap of a probe on a 1-byte instruction (see guard.py): a SIGILL with RIP at the probe."""
 WNOHANG = os.WNOHANG
 SPIN = 20
 """Polls of waitpid before sleeping in it: a tracee hitting probes stops again within microseconds, and
@@ -313,6 +315,8 @@ class Tracer:
             if event == 0:
                 if sig == signal.SIGTRAP:
                     self._trap(task)
+                elif sig == signal.SIGILL:
+                    self._fault(task)
                 elif sig == pt.SYSCALL_TRAP:
                     self._syscall_stop(task)
                 else:
@@ -354,6 +358,29 @@ class Tracer:
             if not pt.is_gone(err):
                 raise
 
+    def _fault(self, task: Task) -> None:
+        """A SIGILL: a hit of a probe on a 1-byte instruction (its UD, with RIP still at the probe) if
+        the kernel raised it for an invalid opcode there; any other is the program's, delivered."""
+        tid = task.tid
+        try:
+            rip = pt.peek_user(tid, pt.RIP)
+            mm = task.mm
+            bp = mm.breakpoints.get(rip)
+            site = bp is not None and bp.length == 1 or bp is None and rip in mm.removed
+            if site and pt.siginfo_code(tid)[1] == guard.ILL_ILLOPN:
+                task.state = TaskState.STOPPED
+                if bp is not None:  # else removed by another thread meanwhile: run what is there now
+                    for consumer in bp.consumers:
+                        consumer(task)
+                    pt.poke_user(tid, pt.RIP, bp.slot)
+                self._cont(task)
+                task.state = TaskState.RUNNING
+                return
+            self._signal(task, signal.SIGILL)
+        except pt.PtraceError as err:
+            if not pt.is_gone(err):
+                raise
+
     def _signal(self, task: Task, sig: int) -> None:
         """A signal-delivery-stop for a signal that is not ours: deliver it unchanged."""
         task.state = TaskState.STOPPED
@@ -373,6 +400,7 @@ class Tracer:
     def _event(self, task: Task, event: int, sig: int) -> None:
         if event == pt.EVENT_STOP:
             self.fs_base(task)
+            self._check_shared_fs(task)
             if task.detach_on_stop:
                 self._detach_task(task)
                 return
@@ -398,6 +426,26 @@ class Tracer:
         else:
             self._resume(task)
 
+    def _check_shared_fs(self, task: Task) -> None:
+        """Two live threads with one FS base (a clone without CLONE_SETTLS) share a counter row: from
+        now on every trampoline of their address space increments it with a lock (trampoline.LOCK).
+        Checked at a thread's first stop, before it has run any code. A vfork child is left out: it
+        has its parent's TLS, but the parent is suspended until the child execs or exits."""
+        mm = task.mm
+        fs = task.fs_base
+        if mm.locked or not fs or task.pid != mm.pid:
+            return
+        live = (TaskState.EXITED, TaskState.EXITING)
+        if not any(
+            t is not task and t.fs_base == fs and t.pid == mm.pid and t.state not in live for t in mm.tasks
+        ):
+            return
+        mm.locked = True
+        if mm.jumps:
+            with self.stopped(mm):
+                for patch in mm.jumps.values():
+                    mm.write(patch.lock_at, bytes([trampoline.LOCK]))
+
     def _unknown(self, tid: int, status: int) -> None:
         """A stop of a task whose parent's clone/fork event we have not seen yet: hold it."""
         if (status & 0xFF) == 0x7F:
@@ -410,6 +458,7 @@ class Tracer:
         thread = False
         if event == pt.EVENT_CLONE:
             thread = tgid_of(child_tid) == parent.pid
+            self.fs_base(parent)  # current, for the child's first stop to compare with
         if thread or event == pt.EVENT_VFORK:
             mm = parent.mm  # shared memory: a thread, or a vfork child until it execs
         else:
@@ -422,7 +471,7 @@ class Tracer:
             mm.ret_tramp = parent.mm.ret_tramp
             mm.guard = parent.mm.guard.copy() if parent.mm.guard is not None else None
             mm.jumps = {
-                a: JumpPatch(p.addr, p.orig, p.tramp, p.column, p.moves, users=0)
+                a: JumpPatch(p.addr, p.orig, p.tramp, p.column, p.moves, users=0, lock_at=p.lock_at)
                 for a, p in parent.mm.jumps.items()
             }
             mm.counters = parent.mm.counters  # until the child gets its own, below
@@ -430,6 +479,7 @@ class Tracer:
             if mm.ring is not None:
                 mm.ring.users += 1
             mm.columns = parent.mm.columns
+            mm.locked = parent.mm.locked
             for addr in mm.internal:
                 mm.breakpoints[addr].consumers.append(self._rtld_hit)
         child = Task(tid=child_tid, pid=parent.pid if thread else child_tid, mm=mm)
@@ -661,7 +711,8 @@ class Tracer:
             body, length = build_slot(code, addr, slot)
             mm.write(slot, body)
             self._guard_site(mm, stopped_tid, addr, slot, length)
-            mm.write(addr, INT3 * length)  # every byte: see guard.py for a trap dropped as pmu dies
+            # int3 over every byte, or UD over a lone one: see guard.py for a trap dropped as pmu dies
+            mm.write(addr, INT3 * length if length > 1 else UD)
             mm.removed.discard(addr)
             mm.breakpoints[addr] = Breakpoint(addr, code[:length], slot, length, [consumer])
 
@@ -785,7 +836,7 @@ class Tracer:
             tramp = self._alloc_slot(mm, addr, tid, head + 16 * plan.count + 64)
             body, _, placed = relocate_run(code, addr, tramp + head, plan.count)
             moves = [(offset, tramp + head + at) for offset, at in zip(plan.boundaries, placed, strict=True)]
-            tr = trampoline.build(area.address, column, body, tramp, addr + plan.length, spec)
+            tr = trampoline.build(area.address, column, body, tramp, addr + plan.length, spec, mm.locked)
             mm.write(tramp, tr.code)
             for t in mm.tasks:
                 if t.state is TaskState.STOPPED:
@@ -795,7 +846,7 @@ class Tracer:
                             pt.poke_user(t.tid, pt.RIP, target)
             rel = tramp - (addr + 5)
             mm.write(addr, b"\xe9" + rel.to_bytes(4, "little", signed=True) + INT3 * (plan.length - 5))
-            patch = JumpPatch(addr, code[: plan.length], tramp, column, tuple(moves))
+            patch = JumpPatch(addr, code[: plan.length], tramp, column, tuple(moves), lock_at=tramp + tr.lock)
             mm.jumps[addr] = patch
             mm.columns += 1
         return patch
@@ -920,37 +971,44 @@ class Tracer:
         mm.guard = guard.Guard(base)
         return mm.guard
 
-    def _guard(self, mm: AddressSpace, tid: int) -> guard.Guard | None:
+    def _guard(self, mm: AddressSpace, tid: int, ill: bool = False) -> guard.Guard | None:
         """mm's trap guard, installed on first use (every thread of mm stopped, `tid` one of them): the
-        program's SIGTRAP disposition saved and the guard's handler set. None if it cannot be installed
-        (the probes then work, unguarded should pmu die)."""
+        program's SIGTRAP disposition (and with `ill` its SIGILL one) saved and the guard's handler set.
+        None if it cannot be installed (the probes then work, unguarded should pmu die)."""
         g = self._guard_area(mm, tid)
-        if g is None or g.installed:
-            return g
-        base = g.base
-        data = inject.PROT_READ | inject.PROT_WRITE
-        if self._syscall(
-            tid, mm, inject.SYS_MPROTECT, base + guard.CODE_PAGE, guard.SIZE - guard.CODE_PAGE, data
-        ):
+        if g is None:
             return None
-        old = base + guard.OLD_ACT
-        if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, 0, old, 8) < 0:
-            return None
-        _, old_flags, _, _ = guard.parse_sigaction(mm.read(old, 32))
-        mm.write(base + guard.NEW_ACT, guard.guard_action(base, old_flags))
-        if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, base + guard.NEW_ACT, 0, 8) < 0:
-            return None
-        g.installed = True
+        if not g.installed:
+            data = inject.PROT_READ | inject.PROT_WRITE
+            rest = guard.SIZE - guard.CODE_PAGE
+            if self._syscall(tid, mm, inject.SYS_MPROTECT, g.base + guard.CODE_PAGE, rest, data):
+                return None
+            if not self._take_signal(mm, tid, g, guard.SIGTRAP, guard.OLD_ACT, guard.NEW_ACT):
+                return None
+            g.installed = True
+        if ill and not g.ill_installed:
+            if not self._take_signal(mm, tid, g, guard.SIGILL, guard.OLD_ILL, guard.NEW_ILL):
+                return None
+            g.ill_installed = True
         return g
 
+    def _take_signal(self, mm: AddressSpace, tid: int, g: guard.Guard, sig: int, old: int, new: int) -> bool:
+        """Save the program's disposition of `sig` at g.base+old and make the guard's handler it."""
+        if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, sig, 0, g.base + old, 8) < 0:
+            return False
+        _, old_flags, _, _ = guard.parse_sigaction(mm.read(g.base + old, 32))
+        mm.write(g.base + new, guard.guard_action(g.base, old_flags))
+        return self._syscall(tid, mm, inject.SYS_RT_SIGACTION, sig, g.base + new, 0, 8) >= 0
+
     def _guard_site(self, mm: AddressSpace, tid: int, addr: int, slot: int, length: int) -> None:
-        """Tell mm's guard where the int3s about to be written over the `length` bytes at addr continue
-        (the probe's slot)."""
-        g = self._guard(mm, tid)
+        """Tell mm's guard where the traps about to be written over the `length` bytes at addr (int3s,
+        or UD over a 1-byte instruction) continue: the probe's slot."""
+        g = self._guard(mm, tid, ill=length == 1)
         if g is None:
             return
+        opcode = guard.INT3 if length > 1 else guard.UD
         for trap in range(addr, addr + length):
-            entry = g.site_entry(trap, slot, addr)
+            entry = g.site_entry(trap, slot, addr, opcode)
             if entry is not None:
                 mm.write(*entry)
         mm.write(*g.nsites_bytes())
@@ -961,14 +1019,14 @@ class Tracer:
         g = mm.guard
         if g is None:
             return
-        if g.installed:
+        taken = [(guard.SIGTRAP, guard.OLD_ACT)] if g.installed else []
+        taken += [(guard.SIGILL, guard.OLD_ILL)] if g.ill_installed else []
+        for sig, old in taken:
             query = g.base + guard.QUERY
-            if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, 0, query, 8) >= 0:
+            if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, sig, 0, query, 8) >= 0:
                 handler, _, _, _ = guard.parse_sigaction(mm.read(query, 32))
                 if handler == g.base + guard.CODE:
-                    self._syscall(
-                        tid, mm, inject.SYS_RT_SIGACTION, guard.SIGTRAP, g.base + guard.OLD_ACT, 0, 8
-                    )
+                    self._syscall(tid, mm, inject.SYS_RT_SIGACTION, sig, g.base + old, 0, 8)
         mm.guard = None
         _, signals = inject.munmap(tid, mm, g.base, guard.SIZE)  # not through the stub it unmaps
         for sig in signals:
@@ -1198,6 +1256,12 @@ class Tracer:
                     if ours and pt.siginfo_code(tid)[1] == pt.SI_KERNEL:
                         pt.poke_user(tid, pt.RIP, rip - 1)  # run the original instruction after detach
                         continue
+            if sig == signal.SIGILL:
+                with contextlib.suppress(pt.PtraceError):
+                    rip = pt.peek_user(tid, pt.RIP)
+                    ours = rip in task.mm.breakpoints or rip in task.mm.removed
+                    if ours and pt.siginfo_code(tid)[1] == guard.ILL_ILLOPN:
+                        continue  # a UD of ours: the original instruction runs there after detach
             deliver[tid] = sig
         return deliver
 

@@ -62,6 +62,15 @@ class Trampoline:
     code: bytes
     body: int
     """Offset of the relocated displaced instructions (a thread moved off the patched bytes goes there)."""
+    lock: int = 0
+    """Offset of the byte before the row increment: a nop, or a lock prefix (see LOCK)."""
+
+
+NOP, LOCK = 0x90, 0xF0
+"""The byte before the per-thread row's `inc`. Rows are per thread, so the increment needs no lock,
+until two live threads share an FS base (a clone without CLONE_SETTLS, an arch_prctl to another
+thread's TLS): they then share a row, and pmu turns the nop into a lock prefix in every trampoline of
+that address space (one byte at an instruction boundary, every thread stopped)."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +137,22 @@ def _assemble(prog: list[_Insn]) -> bytes:
     return bytes(out)
 
 
-def counting_trampoline(area: int, site: int, record: RecordSpec | None = None) -> bytes:
+def _row_inc(site: int) -> bytes:
+    return b"\x48\xff\x84\x0a" + _u32(ROWS + 8 * site)  # inc qword [rdx+rcx+ROWS+8*site]
+
+
+def lock_offset(code: bytes, site: int) -> int:
+    """Offset in a counting trampoline's `code` of the nop-or-lock byte before its row increment."""
+    at = code.find(bytes([NOP]) + _row_inc(site))
+    if at < 0:
+        at = code.find(bytes([LOCK]) + _row_inc(site))
+    assert at >= 0, "no row increment"
+    return at
+
+
+def counting_trampoline(
+    area: int, site: int, record: RecordSpec | None = None, locked: bool = False
+) -> bytes:
     """The counting (and, with `record`, recording) prologue for column `site` of the counter area at
     `area` (flags and registers saved, red zone stepped over); the caller appends the relocated
     instructions and the jump back."""
@@ -199,7 +223,7 @@ def counting_trampoline(area: int, site: int, record: RecordSpec | None = None) 
     count += [
         ("", b"\xeb", "done" if record is None else "record"),  # jmp done (or record)
         ("found", b"\x48\xc1\xe1" + bytes([ROW_SHIFT]), None),  # shl rcx, ROW_SHIFT
-        ("", b"\x48\xff\x84\x0a" + _u32(ROWS + 8 * site), None),  # inc qword [rdx+rcx+ROWS+8*site]
+        ("", bytes([LOCK if locked else NOP]) + _row_inc(site), None),  # [lock] inc qword [row+8*site]
     ]
     if sampled:
         count.append(("", b"\x48\x8b\x84\x0a" + _u32(ROWS + 8 * site), None))  # mov rax, [rdx+rcx+ROWS+8*s]
@@ -272,13 +296,19 @@ def _recording(spec: RecordSpec) -> list[_Insn]:
 
 
 def build(
-    area: int, site: int, relocated: bytes, tramp_addr: int, back: int, record: RecordSpec | None = None
+    area: int,
+    site: int,
+    relocated: bytes,
+    tramp_addr: int,
+    back: int,
+    record: RecordSpec | None = None,
+    locked: bool = False,
 ) -> Trampoline:
     """The whole trampoline at `tramp_addr`: count (and record), run `relocated` (already relocated to
     run right after the prologue), jump back to `back`."""
     from pmu.trace.relocate import jump
 
-    head = counting_trampoline(area, site, record)
+    head = counting_trampoline(area, site, record, locked)
     body = len(head)
     code = head + relocated
-    return Trampoline(code + jump(tramp_addr + len(code), back), body)
+    return Trampoline(code + jump(tramp_addr + len(code), back), body, lock_offset(head, site))

@@ -31,8 +31,13 @@ def _tracer(pid: int) -> int:
 
 @pytest.mark.parametrize(
     "events",
-    [("uretprobe:work",), ("uprobe:tiny",), ("uprobe:work", "uprobe:tiny", "uretprobe:work")],
-    ids=["uretprobe", "int3-only", "mixed"],
+    [
+        ("uretprobe:work",),
+        ("uprobe:tiny",),
+        ("uprobe:one",),
+        ("uprobe:work", "uprobe:tiny", "uprobe:one", "uretprobe:work"),
+    ],
+    ids=["uretprobe", "int3-only", "one-byte", "mixed"],
 )
 def test_sigkill_of_pmu_never_kills_the_target(build, events):
     exe = str(build("kill_target"))
