@@ -84,6 +84,9 @@ FRAMES = SITES + 32 * NSITES
 NFRAMES = 8192
 SIZE = FRAMES + 16 * NFRAMES
 CODE_PAGE = 0x1000
+SPARE_SAVE = 0x40
+"""Where the save block goes after a stub written into spare code (inject.spare_code)."""
+SPARE_SIZE = SPARE_SAVE + 0x90
 
 # ucontext_t on x86-64: uc_mcontext.gregs starts at 40; RSP is gregs[15], RIP gregs[16].
 UC_RSP = 40 + 8 * 15
@@ -205,16 +208,18 @@ _SAVED = (
 )
 
 
-def stub_code(base: int) -> bytes:
-    """`syscall`, then every register reloaded from the save block and a return to where the thread
-    was: rsp is pointed at the block, the registers popped in _SAVED order, then the flags, then rsp
-    (to 8 bytes below the red zone, where pmu wrote the thread's rip), and `ret 128` goes back."""
+def stub_code(base: int, save: int | None = None) -> bytes:
+    """`syscall`, then every register reloaded from the save block (at base+SAVE, or at `save`) and a
+    return to where the thread was: rsp is pointed at the block, the registers popped in _SAVED
+    order, then the flags, then rsp (to 8 bytes below the red zone, where pmu wrote the thread's rip),
+    and `ret 128` goes back. The block is only read: it may lie in read-only memory."""
     pops = {
         "rax": b"\x58", "rbx": b"\x5b", "rcx": b"\x59", "rdx": b"\x5a", "rsi": b"\x5e", "rdi": b"\x5f",
         "rbp": b"\x5d", "r8": b"\x41\x58", "r9": b"\x41\x59", "r10": b"\x41\x5a", "r11": b"\x41\x5b",
         "r12": b"\x41\x5c", "r13": b"\x41\x5d", "r14": b"\x41\x5e", "r15": b"\x41\x5f",
     }  # fmt: skip
-    code = b"\x0f\x05" + b"\x48\xbc" + struct.pack("<Q", base + SAVE)  # syscall; movabs rsp, SAVE
+    block = base + SAVE if save is None else save
+    code = b"\x0f\x05" + b"\x48\xbc" + struct.pack("<Q", block)  # syscall; movabs rsp, SAVE
     code += b"".join(pops[r] for r in _SAVED)
     return code + b"\x9d" + b"\x5c" + b"\xc2\x80\x00"  # popfq; pop rsp; ret 128
 

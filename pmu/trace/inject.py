@@ -3,8 +3,10 @@
 The thread's registers (and the two code bytes the first syscall in a process borrows) are restored
 exactly; a signal that arrives meanwhile is handed back to the caller to deliver later, unchanged.
 
-Once a process has pmu's guard area (guard.py), syscalls run through its restoring stub instead of
-borrowed bytes: the thread is pointed at `syscall` followed by code that reloads every register from
+The first syscall in a process (the mmap of pmu's guard area) borrows bytes no thread ever runs: the
+tail of an executable mapping past its ELF segment's end (spare_code); only where there is none does
+it borrow the two bytes at the thread's rip. Syscalls then run through the guard area's restoring
+stub (guard.py): the thread is pointed at `syscall` followed by code that reloads every register from
 a save block and returns to where the thread was. pmu normally puts the registers back itself after
 the one step; the stub's own way back is for a pmu killed in between, so that its death never leaves a
 thread with borrowed registers or a process with borrowed code.
@@ -17,6 +19,7 @@ import signal
 
 from pmu.errors import TraceError
 from pmu.trace import ptrace_ops as pt
+from pmu.trace.maps import Mapping
 from pmu.trace.tasks import AddressSpace
 
 SYSCALL_INSN = b"\x0f\x05"
@@ -35,6 +38,31 @@ AT_FDCWD = -100
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x01, 0x02, 0x10, 0x20, 0x100000
 MAP_POPULATE = 0x8000
+
+
+def spare_code(pid: int, mappings: list[Mapping], size: int) -> int | None:
+    """An address of `size` bytes, 16-aligned, in an executable file mapping of process `pid` past the
+    end of the ELF segment it maps (the rest of the segment's last page): code no thread runs and no
+    program reads through that mapping. None if no mapping has room."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    for m in mappings:
+        if not m.executable or not m.path.startswith("/"):
+            continue
+        try:
+            with open(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", "rb") as f:
+                segments = [s.header for s in ELFFile(f).iter_segments() if s.header.p_type == "PT_LOAD"]
+        except (OSError, ELFError, ValueError):
+            continue
+        for seg in segments:
+            end_offset = seg.p_offset + seg.p_filesz
+            if seg.p_memsz != seg.p_filesz or not m.offset <= seg.p_offset < m.offset + (m.end - m.start):
+                continue
+            start = int(m.start + end_offset - m.offset + 15) & ~15
+            if m.start < start and start + size <= m.end:
+                return start
+    return None
 
 
 def inject_syscall(tid: int, mm: AddressSpace, nr: int, *args: int) -> tuple[int, list[int]]:

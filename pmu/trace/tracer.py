@@ -956,13 +956,24 @@ class Tracer:
     # ---- the trap guard ---------------------------------------------------------------------------
 
     def _guard_area(self, mm: AddressSpace, tid: int) -> guard.Guard | None:
-        """mm's guard area, mapped by the first syscall pmu runs in mm (the only one that borrows code
-        bytes at a thread's rip); None if it cannot be mapped."""
+        """mm's guard area, mapped by the first syscall pmu runs in mm (through a stub in spare code
+        bytes, see inject.spare_code, or where there are none the two bytes at the thread's rip); None
+        if it cannot be mapped."""
         if mm.guard is not None:
             return mm.guard
         prot = inject.PROT_READ | inject.PROT_EXEC
         flags = inject.MAP_PRIVATE | inject.MAP_ANONYMOUS
-        base, signals = inject.inject_syscall(tid, mm, inject.SYS_MMAP, 0, guard.SIZE, prot, flags, -1, 0)
+        args = (inject.SYS_MMAP, 0, guard.SIZE, prot, flags, -1, 0)
+        spare = inject.spare_code(mm.pid, mm.maps(), guard.SPARE_SIZE)
+        if spare is None:
+            base, signals = inject.inject_syscall(tid, mm, *args)
+        else:  # a stub of its own in bytes no thread runs: a pmu killed meanwhile leaves nothing wrong
+            kept = mm.read(spare, guard.SPARE_SIZE)
+            mm.write(spare, guard.stub_code(0, spare + guard.SPARE_SAVE))
+            try:
+                base, signals = inject.stub_syscall(tid, mm, spare, spare + guard.SPARE_SAVE, *args)
+            finally:
+                mm.write(spare, kept)
         for sig in signals:
             self.pending.append((tid, (sig << 8) | 0x7F))
         if base < 0:
