@@ -282,7 +282,8 @@ class UprobePmu:
             raise RelocationError("the probe is not inside a function symbol")
         start = addr - (probe.vaddr - extent.start)
         plan = check_jump_patch(extent.code, start, extent.size, addr)
-        return self.tracer.jump_patch(site.mm, addr, plan, site.record)
+        on = any(e.running for entries in site.by_tid.values() for e in entries)
+        return self.tracer.jump_patch(site.mm, addr, plan, site.record, on)
 
     def _set_enabled(self, site: _Site) -> None:
         area = site.mm.counters

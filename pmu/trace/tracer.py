@@ -804,10 +804,16 @@ class Tracer:
         return result
 
     def jump_patch(
-        self, mm: AddressSpace, addr: int, plan: PatchPlan, record: tuple[int, int, int] | None = None
+        self,
+        mm: AddressSpace,
+        addr: int,
+        plan: PatchPlan,
+        record: tuple[int, int, int] | None = None,
+        enabled: bool = False,
     ) -> JumpPatch:
         """Replace the instructions `plan` displaces at addr by a jump to a counting trampoline (which
-        also records hits into mm's ring with `record` = (event index, number of args, period)).
+        also records hits into mm's ring with `record` = (event index, number of args, period)),
+        counting from the moment the jump is written if `enabled`.
 
         Every thread is stopped; one whose RIP lies inside the displaced instructions is moved to the
         matching instruction of the trampoline. An existing patch at addr (a forked child's copy) is
@@ -844,6 +850,7 @@ class Tracer:
                     for offset, target in moves:
                         if offset and rip == addr + offset:
                             pt.poke_user(t.tid, pt.RIP, target)
+            area.mem[trampoline.ENABLED + column] = 1 if enabled else 0  # before any thread can enter
             rel = tramp - (addr + 5)
             mm.write(addr, b"\xe9" + rel.to_bytes(4, "little", signed=True) + INT3 * (plan.length - 5))
             patch = JumpPatch(addr, code[: plan.length], tramp, column, tuple(moves), lock_at=tramp + tr.lock)

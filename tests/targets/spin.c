@@ -1,6 +1,7 @@
 /* A long-running multi-threaded target for attach tests: NT threads call work() with a short sleep
-   in between (none with "busy") until SECONDS have passed (or SIGUSR1 arrives), checking every result;
-   then main prints the total and the number of wrong results, and exits 0 if there were none. */
+   in between (none with "busy") until SECONDS have passed (or SIGUSR1 arrives), checking every result,
+   and once more after that; main prints "ready" once every thread has called work(), and at the end
+   the total and the number of wrong results, and exits 0 if there were none. */
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -28,9 +29,13 @@ static void *thread(void *arg) {
         int r = work((int)calls[k]);
         if (r != (int)calls[k] * 3 + 3) wrong++;
         s += r;
-        calls[k]++;
+        __atomic_store_n(&calls[k], calls[k] + 1, __ATOMIC_RELAXED);
         if (!busy) usleep(200);
     }
+    /* One call after the stop: SIGUSR1 sent once a probe is in place is followed by a hit of it. */
+    int r = work((int)calls[k]);
+    if (r != (int)calls[k] * 3 + 3) wrong++;
+    __atomic_store_n(&calls[k], calls[k] + 1, __ATOMIC_RELAXED);
     __atomic_fetch_add(&bad, wrong, __ATOMIC_RELAXED);
     return NULL;
 }
@@ -42,6 +47,8 @@ int main(int argc, char **argv) {
     signal(SIGUSR1, on_usr1);
     pthread_t t[64];
     for (long i = 0; i < nt; i++) pthread_create(&t[i], NULL, thread, (void *)i);
+    for (int i = 0; i < nt; i++)  /* "ready" once every thread has called work() */
+        while (!__atomic_load_n(&calls[i], __ATOMIC_RELAXED)) usleep(100);
     printf("ready\n");
     fflush(stdout);
     long total = 0;
