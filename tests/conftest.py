@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ROOT / "tests" / "targets"
 NO_OPTIMIZE = os.environ.get("PMU_TEST_NO_OPTIMIZE") == "1"
 """Run every pmu stat/record of the tests with --no-optimize (make test runs the suite both ways)."""
+
+# The tests check what signals do to pmu and its targets with their default dispositions. A run started
+# as a background job of a script (SIGINT ignored) or under nohup (SIGHUP ignored) would hand those
+# ignored dispositions to every process the tests start: give them back their defaults first.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+for _sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT):
+    signal.signal(_sig, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
