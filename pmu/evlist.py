@@ -30,9 +30,9 @@ from pmu.hits import Hits
 from pmu.ring import MAX_ARGS, RECORDS_PER_PAGE
 from pmu.sched.scheduler import Scheduler
 from pmu.threadnames import ThreadNames
-from pmu.trace.maps import mapped_files
+from pmu.trace.maps import mapped_files, tgid_of
 from pmu.trace.tasks import AddressSpace, Task
-from pmu.trace.tracer import Tracer, tgid_of
+from pmu.trace.tracer import Tracer
 from pmu.tsc import Calibration, read_tsc
 from pmu.uprobe_pmu import UprobePmu
 

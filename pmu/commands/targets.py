@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 
 from pmu.errors import ProcessError, TracePermissionError, UsageError
+from pmu.trace.maps import tgid_of
 
 PID_MAX = (1 << 31) - 1
 """The largest pid_t: a bigger number is no process on any kernel (one below may still be absent)."""
@@ -57,8 +58,8 @@ def _once(ids: Sequence[int], what: str) -> None:
 
 
 def _check_process(pid: int) -> None:
-    tgid = _tgid(pid)
-    if tgid is None:
+    tgid = tgid_of(pid)
+    if tgid < 0:
         raise ProcessError(f"no process with pid {pid}")
     if tgid != pid:
         return  # a thread's id given to -p: the tracer's own check says what it is
@@ -80,8 +81,8 @@ def _check_process(pid: int) -> None:
 
 def _check_thread(tid: int) -> int:
     """The process of thread `tid`, once it is known to be a thread pmu can trace."""
-    pid = _tgid(tid)
-    if pid is None:
+    pid = tgid_of(tid)
+    if pid < 0:
         raise ProcessError(f"no thread with tid {tid}")
     _not_pmu(pid, f"thread {tid}")
     state, flags = _stat(pid, tid)
@@ -95,18 +96,6 @@ def _check_thread(tid: int) -> int:
 def _not_pmu(pid: int, what: str) -> None:
     if pid == os.getpid():
         raise TracePermissionError(f"cannot trace {what}: it is pmu itself (a tracer cannot trace itself)")
-
-
-def _tgid(tid: int) -> int | None:
-    """The process (thread group) of a thread, from /proc; None if there is no such thread."""
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def _stat(pid: int, tid: int | None = None) -> tuple[str, int]:

@@ -65,19 +65,25 @@ def spare_code(pid: int, mappings: list[Mapping], size: int) -> int | None:
     return None
 
 
+def _syscall_regs(saved: pt.Regs, nr: int, args: tuple[int, ...]) -> pt.Regs:
+    """A copy of `saved` set up to make syscall `nr` with `args` (no restart of the borrowed ones)."""
+    regs = pt.copy_regs(saved)
+    regs.rax = nr
+    regs.orig_rax = -1 & 0xFFFFFFFFFFFFFFFF
+    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
+        setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
+    return regs
+
+
 def inject_syscall(tid: int, mm: AddressSpace, nr: int, *args: int) -> tuple[int, list[int]]:
     """Run syscall `nr` in stopped thread `tid`; return (result, signals that arrived meanwhile).
 
     Every thread of `mm` must be stopped. The result is the raw rax (negative errno on failure).
     """
     saved = pt.get_regs(tid)
-    regs = pt.copy_regs(saved)
+    regs = _syscall_regs(saved, nr, args)
     at = saved.rip
     orig = mm.read(at, len(SYSCALL_INSN))
-    regs.rax = nr
-    regs.orig_rax = -1 & 0xFFFFFFFFFFFFFFFF  # no syscall restart for the borrowed registers
-    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
-        setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
     regs.rsp = (saved.rsp - RED_ZONE) & ~0xF
     pending: list[int] = []
     mm.write(at, SYSCALL_INSN)
@@ -135,12 +141,8 @@ def stub_syscall(
     from pmu.trace.guard import save_block
 
     saved = _restarted(pt.get_regs(tid))
-    regs = pt.copy_regs(saved)
+    regs = _syscall_regs(saved, nr, args)
     regs.rip = stub
-    regs.rax = nr
-    regs.orig_rax = -1 & 0xFFFFFFFFFFFFFFFF
-    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
-        setattr(regs, name, value & 0xFFFFFFFFFFFFFFFF)
     back = saved.rsp - RED_ZONE - 8  # the stub's `ret 128` returns through here: below the red zone
     mm.write(back, int(saved.rip).to_bytes(8, "little"))
     mm.write(save, save_block(saved, back))

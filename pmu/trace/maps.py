@@ -90,3 +90,15 @@ def free_gap_near(maps: list[Mapping], address: int, size: int, reach: int = 1 <
                 best = cand
         prev_end = max(prev_end, end)
     return best
+
+
+def tgid_of(tid: int) -> int:
+    """The thread group (process) a thread belongs to, from /proc; -1 if there is no such thread."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1

@@ -23,7 +23,7 @@ from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissio
 from pmu.ring import ClockKind, Ring, ThreadKind
 from pmu.trace import guard, inject, trampoline
 from pmu.trace import ptrace_ops as pt
-from pmu.trace.maps import PAGE, free_gap_near
+from pmu.trace.maps import PAGE, free_gap_near, tgid_of
 from pmu.trace.patchsafety import PatchPlan
 from pmu.trace.relocate import SLOT_SIZE, build_slot, relocate_run
 from pmu.trace.rtld import RT_ADD, RT_CONSISTENT, debug_state_address, link_map_state, r_debug_address
@@ -341,22 +341,27 @@ class Tracer:
                 return
             if bp is not None or (rip - 1) in task.mm.removed:
                 ours = bp is not None and bp.length > 1 or pt.siginfo_code(tid)[1] == pt.SI_KERNEL
-                if ours:
-                    if bp is None:  # hit a breakpoint another thread removed meanwhile: rewind
-                        pt.poke_user(tid, pt.RIP, rip - 1)
-                    else:
-                        task.state = TaskState.STOPPED  # consumers may stop every thread to patch
-                        for consumer in bp.consumers:
-                            consumer(task)
-                        pt.poke_user(tid, pt.RIP, bp.slot)
-                    self._cont(task)
-                    task.state = TaskState.RUNNING
+                if ours:  # bp None: a breakpoint another thread removed meanwhile: rewind to it
+                    self._hit(task, bp, rip - 1)
                     return
             task.state = TaskState.STOPPED
             self._signal(task, signal.SIGTRAP)
         except pt.PtraceError as err:
             if not pt.is_gone(err):
                 raise
+
+    def _hit(self, task: Task, bp: Breakpoint | None, rewind: int | None) -> None:
+        """A probe's trap in a stopped thread: its consumers run and the thread goes on in the slot; a
+        trap whose breakpoint is gone (`bp` None) goes on at `rewind` (None: where it is)."""
+        task.state = TaskState.STOPPED  # consumers may stop every thread to patch
+        if bp is not None:
+            for consumer in bp.consumers:
+                consumer(task)
+            pt.poke_user(task.tid, pt.RIP, bp.slot)
+        elif rewind is not None:
+            pt.poke_user(task.tid, pt.RIP, rewind)
+        self._cont(task)
+        task.state = TaskState.RUNNING
 
     def _fault(self, task: Task) -> None:
         """A SIGILL: a hit of a probe on a 1-byte instruction (its UD, with RIP still at the probe) if
@@ -368,13 +373,7 @@ class Tracer:
             bp = mm.breakpoints.get(rip)
             site = bp is not None and bp.length == 1 or bp is None and rip in mm.removed
             if site and pt.siginfo_code(tid)[1] == guard.ILL_ILLOPN:
-                task.state = TaskState.STOPPED
-                if bp is not None:  # else removed by another thread meanwhile: run what is there now
-                    for consumer in bp.consumers:
-                        consumer(task)
-                    pt.poke_user(tid, pt.RIP, bp.slot)
-                self._cont(task)
-                task.state = TaskState.RUNNING
+                self._hit(task, bp, None)  # bp None: removed meanwhile, RIP already at what is there now
                 return
             self._signal(task, signal.SIGILL)
         except pt.PtraceError as err:
@@ -1351,18 +1350,6 @@ class Tracer:
         for task in list(self.tasks.values()):
             with contextlib.suppress(OSError):
                 os.kill(task.tid, signal.SIGKILL)
-
-
-def tgid_of(tid: int) -> int:
-    """The thread group (process) a thread belongs to, from /proc; -1 if there is no such thread."""
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
 
 
 def check_traceable(pid: int) -> None:

@@ -214,53 +214,29 @@ def test_signal_sweep(build, tmp_path):
     print(f"signal sweep, {len(todo)} runs: {dict(outcomes)}")  # where signals landed, on this machine
 
 
+def _command_sees_ignored(
+    signame: str, prefix: tuple[str, ...] = (), **kw
+) -> subprocess.CompletedProcess[str]:
+    """Run `pmu stat -- python -c ...` (after `prefix`, such as nohup); the command prints whether it
+    found `signame` ignored."""
+    probe = f"import signal,sys; sys.stdout.write(str(signal.getsignal(signal.{signame}) == signal.SIG_IGN))"
+    argv = [*prefix, sys.executable, "-m", "pmu", "stat", "-e", f"uprobe:{sys.executable}:main", "--"]
+    return subprocess.run(
+        [*argv, sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, **kw
+    )
+
+
 def test_nohup_keeps_sighup_ignored():
     """Started with SIGHUP ignored (nohup), pmu and the command it runs keep it ignored."""
-    probe = "import signal,sys; sys.stdout.write(str(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN))"
-    r = subprocess.run(
-        [
-            "nohup",
-            sys.executable,
-            "-m",
-            "pmu",
-            "stat",
-            "-e",
-            f"uprobe:{sys.executable}:main",
-            "--",
-            sys.executable,
-            "-c",
-            probe,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _command_sees_ignored("SIGHUP", ("nohup",))
     assert r.returncode == 0, r.stderr
     assert r.stdout == "True", r.stdout
 
 
 def test_the_command_starts_with_sigint_as_pmu_found_it():
     """The shell's SIG_IGN for a background job reaches the command; a default SIGINT stays default."""
-    probe = "import signal,sys; sys.stdout.write(str(signal.getsignal(signal.SIGINT) == signal.SIG_IGN))"
     for ignored in (False, True):
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pmu",
-                "stat",
-                "-e",
-                f"uprobe:{sys.executable}:main",
-                "--",
-                sys.executable,
-                "-c",
-                probe,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=_ignore_sigint if ignored else None,
-        )
+        r = _command_sees_ignored("SIGINT", preexec_fn=_ignore_sigint if ignored else None)
         assert r.returncode == 0, r.stderr
         assert r.stdout == str(ignored)
 
