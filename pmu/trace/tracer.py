@@ -711,7 +711,7 @@ class Tracer:
             mm.write(slot, body)
             self._guard_site(mm, stopped_tid, addr, slot, length)
             # int3 over every byte, or UD over a lone one: see guard.py for a trap dropped as pmu dies
-            mm.write(addr, INT3 * length if length > 1 else UD)
+            _write_first_byte_first(mm, addr, INT3 * length if length > 1 else UD)
             mm.removed.discard(addr)
             mm.breakpoints[addr] = Breakpoint(addr, code[:length], slot, length, [consumer])
 
@@ -1066,7 +1066,7 @@ class Tracer:
             return
         with self.stopped(mm):
             with contextlib.suppress(OSError):
-                mm.write(bp.addr, bp.orig)
+                _write_first_byte_last(mm, bp.addr, bp.orig)
             mm.removed.add(bp.addr)
 
     def forget_mapping(self, mm: AddressSpace, addr: int) -> None:
@@ -1289,7 +1289,7 @@ class Tracer:
             self._step_out_of_slots(t, deliver)
         for bp in list(mm.breakpoints.values()):
             with contextlib.suppress(OSError):
-                mm.write(bp.addr, bp.orig)
+                _write_first_byte_last(mm, bp.addr, bp.orig)
         for patch in mm.jumps.values():
             with contextlib.suppress(OSError):
                 mm.write(patch.addr, patch.orig)
@@ -1393,3 +1393,20 @@ def _permission(pid: int, err: BaseException) -> TracePermissionError | ProcessE
         f"cannot trace process {pid}: permission denied (it belongs to another user? run pmu as its owner "
         "or as root)"
     )
+
+
+def _write_first_byte_first(mm: AddressSpace, addr: int, trap: bytes) -> None:
+    """Write a probe's traps over an instruction a thread pmu does not trace may be running (`-t`):
+    the int3 at its first byte first, in a write of its own (one byte is atomic), so that no thread
+    ever decodes the original first byte followed by int3s."""
+    mm.write(addr, trap[:1])
+    if len(trap) > 1:
+        mm.write(addr + 1, trap[1:])
+
+
+def _write_first_byte_last(mm: AddressSpace, addr: int, orig: bytes) -> None:
+    """Put an instruction back from under its traps: its tail while the first byte still traps,
+    then the first byte (see _write_first_byte_first)."""
+    if len(orig) > 1:
+        mm.write(addr + 1, orig[1:])
+    mm.write(addr, orig[:1])
