@@ -31,6 +31,7 @@ PTRACE_GETSIGINFO = 0x4202
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
+PTRACE_PEEKSIGINFO = 0x4209
 
 # Options.
 O_TRACESYSGOOD = 0x1
@@ -185,6 +186,22 @@ def siginfo_code(tid: int) -> tuple[int, int]:
     """(si_signo, si_code) of the signal that stopped `tid`."""
     _ptrace(PTRACE_GETSIGINFO, tid, 0, _siginfo_addr)
     return _siginfo.si_signo, _siginfo.si_code
+
+
+class _PeekSigInfoArgs(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
+
+
+_PEEK_MAX = 8
+_peek_args = _PeekSigInfoArgs(0, 0, _PEEK_MAX)  # flags 0: the thread's own queue, not the process's
+_peek_buf = (_SigInfo * _PEEK_MAX)()
+
+
+def pending_signals(tid: int) -> list[tuple[int, int]]:
+    """(si_signo, si_code) of the first signals queued to stopped thread `tid` itself (a fault or trap
+    it raised, which the kernel queues to the thread, comes first), not yet delivered."""
+    n = int(_ptrace(PTRACE_PEEKSIGINFO, tid, ctypes.addressof(_peek_args), ctypes.addressof(_peek_buf)))
+    return [(_peek_buf[i].si_signo, _peek_buf[i].si_code) for i in range(n)]
 
 
 def is_gone(err: BaseException) -> bool:

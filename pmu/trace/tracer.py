@@ -1159,11 +1159,35 @@ class Tracer:
                     break
                 t.state = TaskState.STOPPED
                 if status >> 16 == pt.EVENT_STOP and (status >> 8) & 0xFF == signal.SIGTRAP:
+                    if self._trap_queued(t):
+                        continue  # its trap's stop comes next: a real stop, for the loop
                     ours.append(t)  # our interrupt: resume when done
                 else:
                     self.pending.append((tid, status))  # a real stop: the loop handles it later
                 break
         return ours
+
+    @staticmethod
+    def _trap_queued(task: Task) -> bool:
+        """At its interrupt stop, has `task` raised a trap (int3 or UD) it has not yet reported? Then
+        resume it into that trap's signal-delivery-stop and return True.
+
+        A thread that executes an int3 just as PTRACE_INTERRUPT reaches it reports the interrupt stop
+        first, with RIP past the int3 and the SIGTRAP still queued to it. Left so, the trap is invisible:
+        a thread detached there dies of the SIGTRAP once pmu's guard is gone, and a syscall run in it
+        swallows the trap and resumes it in the middle of the probed instruction."""
+        try:
+            queued = pt.pending_signals(task.tid)
+        except pt.PtraceError:
+            return False
+        traps = {int(signal.SIGTRAP): pt.SI_KERNEL, int(signal.SIGILL): guard.ILL_ILLOPN}
+        faults = {sig for sig, code in queued if traps.get(sig) == code}
+        # The kernel unblocks the signal of a trap it raises; one that is blocked was queued by other
+        # means (rt_tgsigqueueinfo to itself), and resuming the thread would not stop it.
+        if not faults or faults & _blocked(task.tid):
+            return False
+        pt.cont(task.tid, 0)  # the queued fault is taken before the thread runs an instruction
+        return True
 
     def _resume(self, task: Task, sig: int = 0) -> None:
         if self._stopping.get(task.mm):
@@ -1393,6 +1417,16 @@ def _permission(pid: int, err: BaseException) -> TracePermissionError | ProcessE
         f"cannot trace process {pid}: permission denied (it belongs to another user? run pmu as its owner "
         "or as root)"
     )
+
+
+def _blocked(tid: int) -> set[int]:
+    """The signals thread `tid` blocks (SigBlk of its /proc status)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+    except (OSError, StopIteration, ValueError):
+        return set(range(1, 65))
+    return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
 
 
 def _write_first_byte_first(mm: AddressSpace, addr: int, trap: bytes) -> None:

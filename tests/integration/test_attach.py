@@ -19,7 +19,7 @@ from tests.conftest import NO_OPTIMIZE, ROOT, per_thread_counts, run_pmu, stat_c
 class Spin:
     """A running multi-threaded target (tests/targets/spin.c) and snapshots of its memory."""
 
-    def __init__(self, exe, seconds: float = 30, threads: int = 3, busy: bool = False) -> None:
+    def __init__(self, exe, seconds: float = 600, threads: int = 3, busy: bool = False) -> None:
         self.exe = str(exe)
         argv = [self.exe, str(seconds), str(threads)] + (["busy"] if busy else [])
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -69,6 +69,19 @@ class Spin:
         assert out.startswith("total=")
         return out
 
+    def calls(self) -> int:
+        """How many times its threads have called work() so far (the sum of spin.c's `calls`)."""
+        from elftools.elf.elffile import ELFFile
+
+        with open(self.exe, "rb") as f:
+            (sym,) = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("calls")
+            value, size = sym["st_value"], sym["st_size"]
+        base = min(int(line.split("-")[0], 16) for line in self.maps() if line.endswith(self.exe))
+        with open(f"/proc/{self.pid}/mem", "rb") as mem:
+            mem.seek(base + value)
+            data = mem.read(size)
+        return sum(int.from_bytes(data[i : i + 8], "little", signed=True) for i in range(0, size, 8))
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -111,19 +124,28 @@ def test_attach_until_a_signal(spin, sig):
     code_before, maps_before = spin.code(), spin.maps()
     work = _work_address(spin)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "pmu", "stat", "-x,", "-p", str(spin.pid), "-e", "uprobe:work"]
+    if NO_OPTIMIZE:
+        cmd.insert(4, "--no-optimize")
     pmu = subprocess.Popen(
-        [os.sys.executable, "-m", "pmu", "stat", "-x,", "-p", str(spin.pid), "-e", "uprobe:work"],
+        cmd,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
-    deadline = time.monotonic() + 20
-    while spin.tracer() == 0 and time.monotonic() < deadline:  # wait until attached and armed
-        time.sleep(0.05)
-    time.sleep(0.5)
-    with open(f"/proc/{spin.pid}/mem", "rb") as mem:
-        mem.seek(work)
-        assert mem.read(1) in (b"\xcc", b"\xe9")  # armed while attached (int3 or jump patch)
+    # Armed (int3, one-byte UD or jump patch: every call counted from then on), and 51 calls made since:
+    # no guess at how long either takes on this machine. The deadline only keeps a hang from lasting.
+    deadline = time.monotonic() + 120
+    with open(f"/proc/{spin.pid}/mem", "rb", buffering=0) as mem:  # unbuffered: each read is fresh
+        while pmu.poll() is None and time.monotonic() < deadline:
+            mem.seek(work)
+            if mem.read(1) in (b"\xcc", b"\x06", b"\xe9"):
+                break
+            time.sleep(0.01)
+    assert spin.tracer() != 0, "pmu did not attach"
+    armed = spin.calls()
+    while spin.calls() < armed + 51 and pmu.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     pmu.send_signal(sig)
     _, err = pmu.communicate(timeout=30)
     assert pmu.returncode == 0, err
