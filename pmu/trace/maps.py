@@ -92,13 +92,21 @@ def free_gap_near(maps: list[Mapping], address: int, size: int, reach: int = 1 <
     return best
 
 
-def tgid_of(tid: int) -> int:
-    """The thread group (process) a thread belongs to, from /proc; -1 if there is no such thread."""
+def status_field(tid: int, key: str) -> str | None:
+    """The value of field `key` ("Tgid", "SigBlk", ...) of /proc/TID/status; None if there is no such
+    thread (or field)."""
     try:
         with open(f"/proc/{tid}/status") as f:
             for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
+                name, _, value = line.partition(":")
+                if name == key:
+                    return value.strip()
     except OSError:
         pass
-    return -1
+    return None
+
+
+def tgid_of(tid: int) -> int:
+    """The thread group (process) a thread belongs to, from /proc; -1 if there is no such thread."""
+    value = status_field(tid, "Tgid")
+    return int(value) if value is not None else -1

@@ -23,7 +23,7 @@ from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissio
 from pmu.ring import ClockKind, Ring, ThreadKind
 from pmu.trace import guard, inject, trampoline
 from pmu.trace import ptrace_ops as pt
-from pmu.trace.maps import PAGE, free_gap_near, tgid_of
+from pmu.trace.maps import PAGE, free_gap_near, status_field, tgid_of
 from pmu.trace.patchsafety import PatchPlan
 from pmu.trace.relocate import SLOT_SIZE, build_slot, relocate_run
 from pmu.trace.rtld import RT_ADD, RT_CONSISTENT, debug_state_address, link_map_state, r_debug_address
@@ -1380,15 +1380,11 @@ def check_traceable(pid: int) -> None:
     """Raise the one-line error a user needs if `pid` cannot be traced (before trying)."""
     if not os.path.exists(f"/proc/{pid}"):
         raise ProcessError(f"no process with pid {pid}")
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:") and int(line.split()[1]) != 0:
-                    raise TracePermissionError(
-                        f"process {pid} is already traced by pid {line.split()[1]} (a debugger?)"
-                    )
-    except OSError:
-        raise ProcessError(f"no process with pid {pid}") from None
+    tracer = status_field(pid, "TracerPid")
+    if tracer is None:
+        raise ProcessError(f"no process with pid {pid}")
+    if int(tracer) != 0:
+        raise TracePermissionError(f"process {pid} is already traced by pid {tracer} (a debugger?)")
 
 
 def _threads(pid: int) -> list[int]:
@@ -1420,27 +1416,26 @@ def _permission(pid: int, err: BaseException) -> TracePermissionError | ProcessE
 
 
 def _blocked(tid: int) -> set[int]:
-    """The signals thread `tid` blocks (SigBlk of its /proc status)."""
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
-    except (OSError, StopIteration, ValueError):
+    """The signals thread `tid` blocks (every one if it cannot be read: nothing is then resumed)."""
+    value = status_field(tid, "SigBlk")
+    if value is None:
         return set(range(1, 65))
+    mask = int(value, 16)
     return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
 
 
 def _write_first_byte_first(mm: AddressSpace, addr: int, trap: bytes) -> None:
-    """Write a probe's traps over an instruction a thread pmu does not trace may be running (`-t`):
-    the int3 at its first byte first, in a write of its own (one byte is atomic), so that no thread
-    ever decodes the original first byte followed by int3s."""
+    """Write a probe's traps over an instruction: the trap at its first byte first, in a write of its
+    own, so that a pmu killed between the writes leaves a trap the guard handles, never the original
+    first byte followed by int3s (an instruction that is neither)."""
     mm.write(addr, trap[:1])
     if len(trap) > 1:
         mm.write(addr + 1, trap[1:])
 
 
 def _write_first_byte_last(mm: AddressSpace, addr: int, orig: bytes) -> None:
-    """Put an instruction back from under its traps: its tail while the first byte still traps,
-    then the first byte (see _write_first_byte_first)."""
+    """Put an instruction back from under its traps: its tail while the first byte still traps, then
+    the first byte (see _write_first_byte_first)."""
     if len(orig) > 1:
         mm.write(addr + 1, orig[1:])
     mm.write(addr, orig[:1])
