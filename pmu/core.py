@@ -6,9 +6,17 @@ an Event's state itself, it only arms and disarms its hardware (breakpoints, tra
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from pmu.errors import EventSpecError
+from pmu.events.attr import EventAttr
 from pmu.events.event import Event, HookReason
+
+if TYPE_CHECKING:
+    from pmu.ring import Ring
 
 # Flags for Pmu.add, as PERF_EF_START.
 EF_START = 1
@@ -17,6 +25,10 @@ EF_START = 1
 # Flags for Pmu.stop, as PERF_EF_UPDATE.
 EF_UPDATE = 2
 """stop(): bring event.count up to date before stopping."""
+
+# Flag for Pmu.remove (pmu's own): the event is removed because its task is exiting.
+EF_EXIT = 4
+"""remove(): the task is exiting (a kernel counter keeps counting the rest of the exit until flush)."""
 
 
 @runtime_checkable
@@ -37,6 +49,24 @@ class Task(Protocol):
     def comm(self) -> str:
         """Command name, as /proc/TID/comm."""
         ...
+
+
+# Two more things a task may say about itself, read with getattr by the backends that care:
+#   cpu: int           -- a CPU context of a system-wide run (pmu stat -a): tid is -1 - cpu, pid -1.
+#   exec_pending: bool -- a launched command that has not reached its exec yet (the untraced launcher):
+#                         a kernel counter opened on it starts at the exec, as perf's enable_on_exec.
+
+
+@dataclass(frozen=True)
+class Target:
+    """What event_check resolves an event against, before anything runs."""
+
+    exe: str | None = None
+    """The launched command's executable (events without a TARGET name it), or an attached process's."""
+    mapped: list[str] = field(default_factory=list)
+    """Files an attached process maps (library short names resolve against them first)."""
+    system_wide: bool = False
+    """The events count on CPUs (pmu stat -a), not on tasks."""
 
 
 class Pmu(Protocol):
@@ -101,3 +131,163 @@ class Pmu(Protocol):
         against the new image before the scheduler adds it again. Called before add().
         """
         ...
+
+    # ---- what else a backend hears: lifecycle beyond hook_task, before and after the run ------------
+
+    keeps_time: bool
+    """The backend sets its events' time_enabled/time_running itself, with their counts (a kernel
+    counter's times are the kernel's); otherwise the scheduler keeps them from the events' states."""
+
+    needs_tracer: bool
+    """Its events need their tasks traced by pmu's ptrace engine (breakpoints, stops). A run whose
+    events all say False launches its command untraced, as perf stat does."""
+
+    def event_check(self, attr: EventAttr, target: Target) -> None:
+        """Check and resolve an event before anything runs (every bad event is reported before the
+        command starts). Raises PmuError (one line)."""
+        ...
+
+    def task_vforked(self, parent: Task, child: Task) -> None:
+        """`child` was vforked by `parent` and runs in its memory until it execs or exits (called
+        before the scheduler's task_fork for it)."""
+        ...
+
+    def task_vfork_done(self, child: Task) -> None:
+        """A vfork child left its parent's memory (exec or exit); no-op for any other task."""
+        ...
+
+    def task_exited(self, task: Task) -> None:
+        """`task` exited, after the scheduler removed its events: drop what the backend kept for it."""
+        ...
+
+    def maps_changed(self, space: Any) -> None:
+        """Files may have been mapped or unmapped in an address space (exec, dlopen, dlclose)."""
+        ...
+
+    def awaits_mappings(self, space: Any) -> bool:
+        """Whether one of the backend's probes in that address space waits for its file to be mapped."""
+        ...
+
+    def set_ring(self, ring: Ring, index_of: dict[EventAttr, int]) -> None:
+        """Sampling events write their records into `ring`; index_of gives each attr's event index."""
+        ...
+
+    def describe(self, event: Event) -> str:
+        """How the event is served, for -v (one line)."""
+        ...
+
+    def supported(self, event: Event) -> bool:
+        """False when the machine cannot count this event at all (a hardware event without a hardware
+        PMU): the output says `<not supported>`, as perf's, rather than failing the run."""
+        ...
+
+    def flush(self) -> None:
+        """The run is over and every event removed: bring counts that the backend could still update
+        (a kernel counter of a task that was exiting) to their final value, and release everything."""
+        ...
+
+
+class PmuBase:
+    """Defaults for the optional operations, so that a backend writes only what it uses."""
+
+    name = "base"
+    slots: int | None = None
+    needs_tracer = False
+    keeps_time = False
+
+    def event_check(self, attr: EventAttr, target: Target) -> None:
+        return None
+
+    def start(self, event: Event, flags: int) -> None:
+        return None
+
+    def stop(self, event: Event, flags: int) -> None:
+        return None
+
+    def read(self, event: Event) -> None:
+        return None
+
+    def hook_task(self, event: Event, task: Task, reason: HookReason) -> None:
+        return None
+
+    def task_vforked(self, parent: Task, child: Task) -> None:
+        return None
+
+    def task_vfork_done(self, child: Task) -> None:
+        return None
+
+    def task_exited(self, task: Task) -> None:
+        return None
+
+    def maps_changed(self, space: Any) -> None:
+        return None
+
+    def awaits_mappings(self, space: Any) -> bool:
+        return False
+
+    def set_ring(self, ring: Ring, index_of: dict[EventAttr, int]) -> None:
+        return None
+
+    def describe(self, event: Event) -> str:
+        return self.name
+
+    def supported(self, event: Event) -> bool:
+        return True
+
+    def flush(self) -> None:
+        return None
+
+
+# ---- the registry: perf_pmu_register for pmu ------------------------------------------------------
+
+
+@dataclass
+class PmuEnv:
+    """What a backend's factory gets: the engine's shared parts and the user's switches."""
+
+    tracer: Any = None
+    """The ptrace engine (pmu.trace.tracer.Tracer), for backends with needs_tracer."""
+    optimize: bool = True
+    """Jump-optimized probes where safe (--no-optimize turns them off)."""
+
+
+PmuFactory = Callable[[PmuEnv], Pmu]
+
+REGISTRY: dict[str, str] = {
+    "uprobe": "pmu.uprobe_pmu:factory",
+    "kernel-uprobe": "pmu.kernel_pmu:uprobe_factory",
+    "software": "pmu.kernel_pmu:software_factory",
+    "hardware": "pmu.kernel_pmu:hardware_factory",
+}
+"""{PMU name: "module:factory"}: a backend is one module and one line here (or register())."""
+
+NEEDS_TRACER: dict[str, bool] = {"uprobe": True}
+"""PMUs whose events need the ptrace engine, known without building them (the evlist decides from it
+whether to make a tracer); register() keeps it up to date."""
+
+
+def register(name: str, factory: str | PmuFactory, needs_tracer: bool = False) -> None:
+    """Add (or replace) a backend: `factory` is a callable or "module:callable"."""
+    _factories.pop(name, None)
+    if isinstance(factory, str):
+        REGISTRY[name] = factory
+    else:
+        REGISTRY[name] = f"<callable {name}>"
+        _factories[name] = factory
+    NEEDS_TRACER[name] = needs_tracer
+
+
+_factories: dict[str, PmuFactory] = {}
+
+
+def make_pmu(name: str, env: PmuEnv) -> Pmu:
+    """Build the backend registered under `name` (EventSpecError if there is none)."""
+    factory = _factories.get(name)
+    if factory is None:
+        where = REGISTRY.get(name)
+        if where is None:
+            raise EventSpecError(f"no PMU named '{name}' (pmu has: {', '.join(sorted(REGISTRY))})")
+        module, _, attr = where.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        _factories[name] = factory
+    return factory(env)

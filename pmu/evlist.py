@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pmu import environ, stopping
+from pmu.core import NEEDS_TRACER, Pmu, PmuEnv, Target, make_pmu
+from pmu.core import Task as AnyTask
 from pmu.errors import FileError, ProcessError, UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Counts, Event
@@ -30,11 +32,11 @@ from pmu.hits import Hits
 from pmu.ring import MAX_ARGS, RECORDS_PER_PAGE
 from pmu.sched.scheduler import Scheduler
 from pmu.threadnames import ThreadNames
+from pmu.trace.launch import CpuTask, Untraced
 from pmu.trace.maps import mapped_files, tgid_of
 from pmu.trace.tasks import AddressSpace, Task
 from pmu.trace.tracer import Tracer
 from pmu.tsc import Calibration, read_tsc
-from pmu.uprobe_pmu import UprobePmu
 
 if TYPE_CHECKING:
     from pmu.ring import Ring
@@ -44,6 +46,8 @@ DRAIN_CHUNK = 8192
 they are copied and converted)."""
 DRAIN_BUDGET = 16
 """Chunks per drain call before the tracer gets to answer stops again."""
+MUX_INTERVAL = 0.004
+"""Seconds between multiplexing rotations (perf's default perf_event_mux_interval_ms is 4)."""
 CALIBRATE_EVERY = 0.1
 """Seconds between TSC calibration samples while recording (and one at the end)."""
 
@@ -92,9 +96,18 @@ class Evlist:
     def __init__(self, attrs: Sequence[EventAttr], optimize: bool = True) -> None:
         self.evsels = [Evsel(attr) for attr in attrs]
         self.tracer = Tracer(self)
-        self.uprobe = UprobePmu(self.tracer, optimize=optimize)
-        self.sched = Scheduler({"uprobe": self.uprobe})
-        self.uprobe.index_of = {attr: i for i, attr in enumerate(attrs)}
+        env = PmuEnv(tracer=self.tracer, optimize=optimize)
+        self.pmus: dict[str, Pmu] = {}
+        """The backends the events name, built from the registry (pmu.core.REGISTRY)."""
+        for attr in attrs:
+            if attr.pmu not in self.pmus:
+                self.pmus[attr.pmu] = make_pmu(attr.pmu, env)
+        self.traced = any(NEEDS_TRACER.get(name, False) for name in self.pmus)
+        """Some event needs the ptrace engine: commands are launched and processes attached under it."""
+        self.sched = Scheduler(self.pmus)
+        self.index_of = {attr: i for i, attr in enumerate(attrs)}
+        self.cpus: list[int] = []
+        """The CPUs of a system-wide run."""
         self.ring: Ring | None = None
         self._sink: Callable[[Hits], None] | None = None
         self.drain_interval = 0.05
@@ -113,6 +126,7 @@ class Evlist:
         self.nargs = 0
         """Argument columns the records have."""
         self._words = np.empty((0, 5), np.uint64)
+        self._rotated = 0.0
 
     def record_into(
         self, ring: Ring, sink: Callable[[Hits], None], interval: float = 0.01, nargs: int = 0
@@ -120,10 +134,10 @@ class Evlist:
         """Sample into `ring` (events with a sample_period); `sink` gets the drained records, in bulk,
         every `interval` seconds while tracing and once more at the end."""
         self.ring = ring
-        self.uprobe.ring = ring
+        for pmu in self.pmus.values():
+            pmu.set_ring(ring, self.index_of)
         self._sink = sink
         self.drain_interval = interval
-        self.tracer.tick = self.drain
         self.tracer.ring_shape = (ring.capacity // RECORDS_PER_PAGE, ring.nevents)
         self.tracer.on_fs_base = self._fs_base_seen
         self.clock = Calibration()
@@ -266,27 +280,43 @@ class Evlist:
         # Everything made so far (modules, pyarrow) lives as long as pmu: keep the collector from walking
         # it again and again while millions of records go by (it took a tenth of pmu record's time).
         gc.freeze()
-        if self.ring is None:
+        multiplexing = any(pmu.slots is not None for pmu in self.pmus.values())
+        if self.ring is None and not multiplexing:
             yield
             return
+        interval = min(self.drain_interval, MUX_INTERVAL) if multiplexing else self.drain_interval
+        self.tracer.tick = self._on_tick
+        self._rotated = time.monotonic()
 
         def on_alarm(signum: int, frame: FrameType | None) -> None:
             self.tracer.tick_due = True
 
         with _signals(on_alarm, (signal.SIGALRM,)):
-            signal.setitimer(signal.ITIMER_REAL, self.drain_interval, self.drain_interval)
+            signal.setitimer(signal.ITIMER_REAL, interval, interval)
             try:
                 yield
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-                self.drain(final=True)
+                if self.ring is not None:
+                    self.drain(final=True)
+
+    def _on_tick(self) -> None:
+        """The event loop's timer: drain the rings, and rotate multiplexed events every MUX_INTERVAL
+        (the scheduler touches only contexts where some PMU has fewer slots than enabled events)."""
+        if self._sink is not None:
+            self.drain()
+        now = time.monotonic()
+        if now - self._rotated >= MUX_INTERVAL and any(p.slots is not None for p in self.pmus.values()):
+            self._rotated = now
+            self.sched.rotate()
 
     # ---- TraceListener --------------------------------------------------------------------------
 
     def task_new(self, task: Task, parent: Task, fork: bool) -> None:
         if fork:
             if task.mm is parent.mm:  # vfork: the child borrows the parent's memory until exec
-                self.uprobe.vforked(parent, task)
+                for pmu in self.pmus.values():
+                    pmu.task_vforked(parent, task)
                 if self.clock is not None:  # and its thread: records on it are the child's meanwhile
                     fs = self.tracer.fs_base(parent)
                     self._vfork_parents[task.tid] = (parent, fs)
@@ -296,7 +326,8 @@ class Evlist:
             self.sched.task_clone(parent, task)
 
     def _vfork_done(self, task: Task) -> None:
-        self.uprobe.vfork_done(task)
+        for pmu in self.pmus.values():
+            pmu.task_vfork_done(task)
         found = self._vfork_parents.pop(task.tid, None)
         if found is not None:
             parent, fs = found
@@ -311,13 +342,15 @@ class Evlist:
     def task_exit(self, task: Task) -> None:
         self._vfork_done(task)
         self.sched.task_exit(task)
-        self.uprobe.task_exited(task)
+        for pmu in self.pmus.values():
+            pmu.task_exited(task)
 
     def maps_changed(self, mm: AddressSpace) -> None:
-        self.uprobe.maps_changed(mm)
+        for pmu in self.pmus.values():
+            pmu.maps_changed(mm)
 
     def awaits_mappings(self, mm: AddressSpace) -> bool:
-        return self.uprobe.awaits_mappings(mm)
+        return any(pmu.awaits_mappings(mm) for pmu in self.pmus.values())
 
     def wants(self, task: Task) -> bool:
         """Whether any event counts on `task` (a forked child nobody counts is let go)."""
@@ -330,21 +363,16 @@ class Evlist:
         """Launch argv with every event disabled and enable_on_exec, count until it exits."""
         stopping.check()
         exe = resolve_command(argv)
-        self.uprobe.exe = exe
         _check_exe(exe)
-        for evsel in self.evsels:  # every bad event is reported before anything runs
-            self.uprobe.resolve(evsel.attr.probe)
-            stopping.check()
+        self._check(Target(exe=exe))
         start = time.monotonic()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         # The command starts with the dispositions pmu found (SIGINT ignored in a script's background job,
         # SIGHUP under nohup), and Python's SIGPIPE and SIGXFSZ back to the default, as a shell gives them.
-        child_signals: dict[int, signal.Handlers] = {
-            signal.SIGPIPE: signal.SIG_DFL,
-            signal.SIGXFSZ: signal.SIG_DFL,
-            **{s: stopping.original(s) for s in stopping.STOP_SIGNALS},
-        }
+        child_signals = _child_signals()
         running = False
+        if not self.traced:
+            return self._run_untraced(argv, exe, child_signals, start, before)
 
         def on_stop(signum: int) -> None:
             # Once the command runs, it gets the terminal's ^C itself (and dies of it or not, as without
@@ -442,32 +470,152 @@ class Evlist:
             status=0, elapsed_s=time.monotonic() - start, user_s=0.0, sys_s=0.0, interrupted=interrupted
         )
 
+    def _check(self, target: Target) -> None:
+        """Every event checked by its backend before anything runs (each bad event reported first)."""
+        for evsel in self.evsels:
+            self.pmus[evsel.attr.pmu].event_check(evsel.attr, target)
+            stopping.check()
+
     def _open_on(self, tasks: Sequence[Task]) -> None:
         mapped: list[str] = []
+        exe: str | None = None
         with contextlib.suppress(OSError):
             mapped = mapped_files(tasks[0].mm.maps())
-        if not self.uprobe.exe and tasks:
+        if tasks:
             with contextlib.suppress(OSError):
-                self.uprobe.exe = os.path.realpath(f"/proc/{tasks[0].pid}/exe")
+                exe = os.path.realpath(f"/proc/{tasks[0].pid}/exe")
+        self._check(Target(exe=exe, mapped=mapped))
         for evsel in self.evsels:
-            self.uprobe.resolve(evsel.attr.probe, mapped)
-            stopping.check()
             for task in tasks:
                 evsel.events.append(self.sched.open(evsel.attr, task))
 
+    def _run_untraced(
+        self,
+        argv: Sequence[str],
+        exe: str,
+        child_signals: dict[int, signal.Handlers],
+        start: float,
+        before: resource.struct_rusage,
+    ) -> RunResult:
+        """No event needs ptrace: the command runs untraced, as under perf stat. It is held before its
+        exec while its counters open (they start at the exec), then waited for; its end ends the run."""
+        running = False
+
+        def on_stop(signum: int) -> None:
+            if running and signum != signal.SIGINT and cmd.status is None:
+                with contextlib.suppress(OSError):
+                    os.kill(cmd.pid, signum)
+
+        with stopping.listen(on_stop):
+            cmd = Untraced(argv, exe, child_signals, environ.for_commands())
+            try:
+                try:
+                    for evsel in self.evsels:
+                        evsel.events.append(self.sched.open(evsel.attr, cmd.task))
+                    self.sched.task_exec(cmd.task)
+                    stopping.check()
+                except BaseException:
+                    cmd.abandon()
+                    raise
+                running = True
+                start = time.monotonic()  # perf stat's elapsed time starts as the command is let go
+                cmd.release()
+                status = cmd.wait()
+                end = time.monotonic()
+                self.sched.task_exit(cmd.task)
+            finally:
+                self.close()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return RunResult(
+            status=_shell_status(status),
+            elapsed_s=end - start,
+            user_s=after.ru_utime - before.ru_utime,
+            sys_s=after.ru_stime - before.ru_stime,
+        )
+
+    def run_system_wide(self, cpus: Sequence[int], argv: Sequence[str] = ()) -> RunResult:
+        """Count on every CPU in `cpus` (pmu stat -a / -C), for as long as `argv` runs (untraced), or
+        until SIGINT/SIGTERM/SIGHUP when there is no command."""
+        stopping.check()
+        if self.traced:
+            raise UsageError("-a counts with the kernel's PMUs only (the ptrace engine follows tasks)")
+        exe = resolve_command(argv) if argv else None
+        self._check(Target(exe=exe, system_wide=True))
+        self.cpus = list(cpus)
+        tasks = [CpuTask(cpu) for cpu in cpus]
+        start = time.monotonic()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        interrupted = False
+        cmd: Untraced | None = None
+
+        def on_stop(signum: int) -> None:
+            nonlocal interrupted
+            interrupted = True
+            if cmd is not None and cmd.status is None and signum != signal.SIGINT:
+                with contextlib.suppress(OSError):
+                    os.kill(cmd.pid, signum)
+
+        status = 0
+        end = 0.0
+        with stopping.listen(on_stop):
+            try:
+                if exe is not None:  # forked first, let go once counting: as perf stat -a -- CMD
+                    cmd = Untraced(argv, exe, _child_signals(), environ.for_commands())
+                try:
+                    for evsel in self.evsels:
+                        for task in tasks:
+                            evsel.events.append(self.sched.open(evsel.attr, task))
+                    stopping.check()
+                    for evsel in self.evsels:  # opened disabled, enabled together: as perf stat -a
+                        for event in evsel.events:
+                            self.sched.enable(event)
+                except BaseException:
+                    if cmd is not None:
+                        cmd.abandon()
+                    raise
+                start = time.monotonic()
+                if cmd is not None:
+                    cmd.release()
+                    status = _shell_status(cmd.wait())
+                else:
+                    while not interrupted:
+                        signal.pause()
+                end = time.monotonic()
+            finally:
+                self.close()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return RunResult(
+            status=status,
+            elapsed_s=(end or time.monotonic()) - start,
+            user_s=after.ru_utime - before.ru_utime,
+            sys_s=after.ru_stime - before.ru_stime,
+            interrupted=interrupted,
+        )
+
     def close(self) -> None:
-        """Take every event off (restoring every byte) and let go of every task still traced."""
+        """Take every event off (restoring every byte), let go of every task still traced, and have
+        every backend take its last readings."""
         try:
             self.tracer.quiesce()  # no hit in flight in a trampoline: final counts match the records
             self.sched.close()
         finally:
-            self.tracer.detach_all()
+            try:
+                self.tracer.detach_all()
+            finally:
+                for pmu in self.pmus.values():
+                    pmu.flush()
 
     # ---- reading --------------------------------------------------------------------------------
 
     def describe(self, evsel: Evsel) -> str:
         """How the evsel's probe was served (optimized jump patch, or int3 and why), for -v."""
-        return self.uprobe.describe(evsel.events[0]) if evsel.events else "not opened"
+        if not evsel.events:
+            return "not opened"
+        return self.pmus[evsel.attr.pmu].describe(evsel.events[0])
+
+    def supported(self, evsel: Evsel) -> bool:
+        """False when the machine cannot count the evsel's event (perf's `<not supported>`)."""
+        return not evsel.events or self.pmus[evsel.attr.pmu].supported(evsel.events[0])
 
     def errors(self) -> list[str]:
         """One line per evsel whose events failed to be scheduled (the reason the scheduler kept)."""
@@ -491,13 +639,13 @@ class Evlist:
             time_running=sum(c.time_running for c in total),
         )
 
-    def per_task(self, evsel: Evsel) -> list[tuple[Task, Counts]]:
-        """Each thread the evsel counted on, with that thread's own counts."""
-        return [(t, c) for e in evsel.events for t, c in self.sched.per_task(e) if isinstance(t, Task)]
+    def per_task(self, evsel: Evsel) -> list[tuple[AnyTask, Counts]]:
+        """Each thread (or CPU, system-wide) the evsel counted on, with its own counts."""
+        return [(t, c) for e in evsel.events for t, c in self.sched.per_task(e)]
 
-    def per_process(self, evsel: Evsel) -> list[tuple[Task, Counts]]:
+    def per_process(self, evsel: Evsel) -> list[tuple[AnyTask, Counts]]:
         """Counts summed per process, keyed by the process's first task seen."""
-        by_pid: dict[int, tuple[Task, Counts]] = {}
+        by_pid: dict[int, tuple[AnyTask, Counts]] = {}
         for task, c in self.per_task(evsel):
             if task.pid in by_pid:
                 first, prev = by_pid[task.pid]
@@ -535,6 +683,16 @@ def _alarm_wakes() -> Iterator[None]:
 
     with _signals(on_alarm, (signal.SIGALRM,)):
         yield
+
+
+def _child_signals() -> dict[int, signal.Handlers]:
+    """The dispositions a command starts with: those pmu found (SIGINT ignored in a script's background
+    job, SIGHUP under nohup), and SIGPIPE and SIGXFSZ (which Python ignores) back to the default."""
+    return {
+        signal.SIGPIPE: signal.SIG_DFL,
+        signal.SIGXFSZ: signal.SIG_DFL,
+        **{s: stopping.original(s) for s in stopping.STOP_SIGNALS},
+    }
 
 
 def _terminate(child: subprocess.Popen[bytes]) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pmu.core import EF_START, EF_UPDATE, Task
+from pmu.core import EF_START, EF_UPDATE, PmuBase, PmuEnv, Target, Task
 from pmu.errors import RelocationError, TraceError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Event, HookReason
@@ -87,11 +87,12 @@ class _Site:
         return not any(self.by_tid.values())
 
 
-class UprobePmu:
+class UprobePmu(PmuBase):
     """int3 uprobes with out-of-line execution of the displaced instruction: one stop per hit."""
 
     name = "uprobe"
     slots: int | None = None
+    needs_tracer = True
 
     def __init__(self, tracer: Tracer, exe: str | None = None, optimize: bool = True) -> None:
         self.tracer = tracer
@@ -123,6 +124,16 @@ class UprobePmu:
         return found
 
     # ---- the Pmu operations ---------------------------------------------------------------------
+
+    def event_check(self, attr: EventAttr, target: Target) -> None:
+        """Resolve the probe before anything runs (against the launched or attached program)."""
+        if target.exe and not self.exe:
+            self.exe = target.exe
+        self.resolve(attr.probe, target.mapped)
+
+    def set_ring(self, ring: Ring, index_of: dict[EventAttr, int]) -> None:
+        self.ring = ring
+        self.index_of = dict(index_of)
 
     def event_init(self, event: Event) -> None:
         mapped: list[str] = []
@@ -339,16 +350,17 @@ class UprobePmu:
             site.attributed += delta
         entry.seen = value
 
-    def vforked(self, parent: TraceTask, child: TraceTask) -> None:
+    def task_vforked(self, parent: Task, child: Task) -> None:
         """A vfork child runs in its parent's memory, with the parent's TLS, until it execs or exits: its
         jump-patch hits land in the parent thread's row. Remember the row as it is now."""
+        assert isinstance(parent, TraceTask)
         area = parent.mm.counters
         if area is None:
             return
         fs = self.tracer.fs_base(parent)
         self._vforks[child.tid] = (parent.mm, parent.tid, fs, self._row(area, fs))
 
-    def vfork_done(self, child: TraceTask) -> None:
+    def task_vfork_done(self, child: Task) -> None:
         """The vfork child leaves its parent's memory: what the parent's row gained meanwhile is the
         child's (the parent was suspended), so it goes to the child's events, not the parent's."""
         found = self._vforks.pop(child.tid, None)
@@ -384,10 +396,11 @@ class UprobePmu:
         total: np.ndarray = rows[keys == fs].sum(axis=0, dtype=np.int64)
         return total
 
-    def task_exited(self, task: TraceTask) -> None:
+    def task_exited(self, task: Task) -> None:
         """A thread is gone (its events already harvested): give its counter rows back for reuse, so a
         thread that gets the same FS base later (glibc reuses a finished thread's TLS) starts from zero.
         Not a vfork child's (the rows are its parent's), nor a key another live thread owns."""
+        assert isinstance(task, TraceTask)
         area = task.mm.counters
         fs = task.fs_base
         if area is None or not fs or task.pid != task.mm.pid:
@@ -506,3 +519,11 @@ def _has_fsgsbase() -> bool:
         if key == 26:  # AT_HWCAP2
             return bool(value & 2)
     return False
+
+
+def factory(env: PmuEnv) -> UprobePmu:
+    """The registry's constructor (pmu.core.REGISTRY["uprobe"])."""
+    if env.tracer is None:
+        raise TraceError("the uprobe PMU needs the ptrace engine")
+    assert isinstance(env.tracer, Tracer)
+    return UprobePmu(env.tracer, optimize=env.optimize)

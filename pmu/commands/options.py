@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from pmu.commands import targets
 from pmu.errors import UsageError
+from pmu.events.counters import CounterSpec
+from pmu.events.spec import EventSpec
 
 if TYPE_CHECKING:
     from pmu.evlist import Evlist
@@ -28,6 +30,12 @@ def add_event_options(p: argparse.ArgumentParser, kinds: str = "uprobe:|uretprob
         action="store_true",
         help="use int3 probes everywhere (default: jump-optimized probes where it is safe)",
     )
+    p.add_argument(
+        "--engine",
+        choices=("ptrace", "kernel"),
+        help="who serves uprobes: pmu's ptrace engine (default) or the kernel's uprobe PMU "
+        "(perf_event_open; the default with -a, and the way to count a process a debugger traces)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="say how each probe is served")
 
 
@@ -41,7 +49,48 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-p", "--pid", metavar="PID[,PID...]", help="attach to running processes (every thread)")
     p.add_argument("-t", "--tid", metavar="TID[,TID...]", help="attach to single threads")
+    p.add_argument("-a", "--all-cpus", action="store_true", help="system-wide: every process, on every CPU")
+    p.add_argument("-C", "--cpu", metavar="CPU[,CPU-CPU...]", help="system-wide on these CPUs only")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
+
+
+def engine(args: argparse.Namespace) -> str:
+    """The engine uprobes use: --engine, or kernel for a system-wide run."""
+    system_wide = bool(getattr(args, "all_cpus", False) or getattr(args, "cpu", None))
+    chosen: str | None = getattr(args, "engine", None)
+    if system_wide:
+        if chosen == "ptrace":
+            raise UsageError("-a/-C count with the kernel engine (--engine ptrace follows tasks only)")
+        return "kernel"
+    return chosen or "ptrace"
+
+
+def pmu_for(spec: EventSpec, engine_name: str) -> str:
+    """The registry name of the backend that serves one event."""
+    if isinstance(spec, CounterSpec):
+        return spec.pmu
+    return "kernel-uprobe" if engine_name == "kernel" else "uprobe"
+
+
+def system_wide_cpus(args: argparse.Namespace) -> list[int] | None:
+    """The CPUs of a system-wide run (-a: every online one; -C: those), None when not system-wide."""
+    from pmu import perf_event
+
+    if not (getattr(args, "all_cpus", False) or getattr(args, "cpu", None)):
+        return None
+    online = perf_event.online_cpus()
+    if not args.cpu:
+        return online
+    try:
+        cpus = perf_event.parse_cpu_list(args.cpu)
+    except ValueError:
+        raise UsageError(f"bad -C list '{args.cpu}': expected CPU numbers and ranges (0,2-3)") from None
+    missing = [c for c in cpus if c not in online]
+    if missing:
+        raise UsageError(
+            f"bad -C list '{args.cpu}': no CPU {missing[0]} (online: {perf_event.format_cpu_list(online)})"
+        )
+    return cpus
 
 
 def command(args: argparse.Namespace) -> list[str]:
@@ -81,6 +130,8 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "sep", None) == "":
         raise UsageError("bad -x '': the field separator must be at least one character")
     if hasattr(args, "pid"):
+        if (getattr(args, "all_cpus", False) or getattr(args, "cpu", None)) and (args.pid or args.tid):
+            raise UsageError("-a/-C count system-wide: they do not go with -p/-t")
         targets.check(ids(args.pid, "pid"), ids(args.tid, "tid"))
 
 

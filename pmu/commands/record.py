@@ -24,6 +24,7 @@ from pmu.commands.options import (
 )
 from pmu.errors import UsageError
 from pmu.events.attr import EventAttr
+from pmu.events.counters import CounterSpec
 from pmu.events.spec import parse_event_list
 
 if TYPE_CHECKING:
@@ -94,16 +95,20 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
             f"bad --args {args.args}: x86-64 passes at most {MAX_ARGS} integer arguments in registers"
         )
     at_exec = launched(args)
+    specs = parse_event_list(args.event)
+    for spec in specs:
+        if isinstance(spec, CounterSpec):
+            raise UsageError(f"{spec.text}: pmu record samples probes; count counters with pmu stat")
     return [
         EventAttr(
-            probe=spec,
+            spec=spec,
             disabled=at_exec,
             enable_on_exec=at_exec,
             inherit=not args.no_inherit,
             sample_period=args.period,
             sample_args=args.args,
         )
-        for spec in parse_event_list(args.event)
+        for spec in specs
     ]
 
 

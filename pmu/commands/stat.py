@@ -11,23 +11,28 @@ from pmu.commands.options import (
     add_event_options,
     add_target_options,
     command,
+    engine,
     ids,
     launched,
+    pmu_for,
     report_engines_and_errors,
+    system_wide_cpus,
 )
 from pmu.errors import FileError, UsageError
 from pmu.events.attr import EventAttr
+from pmu.events.counters import DEFAULT_SET
 from pmu.events.spec import parse_event_list
 from pmu.evlist import Evlist
-from pmu.output.stat import NumberFormat, StatLine, StatReport, write
+from pmu.output.stat import NumberFormat, StatLine, StatReport, shadow_metrics, write
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "stat",
         help="count probe hits while a command runs",
-        description="Count uprobe hits while COMMAND runs, like perf stat.",
-        usage="pmu stat -e EVENT [-e EVENT...] [options] -- COMMAND [ARGS...]",
+        description="Count uprobe hits and kernel counters while COMMAND runs, like perf stat "
+        "(without -e: perf's default set of counters).",
+        usage="pmu stat [-e EVENT...] [options] -- COMMAND [ARGS...]",
     )
     add_event_options(p)
     p.add_argument(
@@ -42,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--per-process", action="store_true", help="one line per process that hit (children apart)"
     )
+    p.add_argument(
+        "-A", "--no-aggr", action="store_true", help="with -a/-C: one line per CPU, as perf stat -A"
+    )
     p.add_argument("-o", "--output", metavar="FILE", help="write the counts to FILE instead of stderr")
     add_target_options(p)
     p.set_defaults(func=run)
@@ -49,14 +57,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
     """The EventAttrs a `pmu stat` command line asks for (checked by tests without running anything)."""
-    if not args.event:
+    system_wide = system_wide_cpus(args) is not None
+    if not args.event and not (command(args) or args.pid or args.tid or system_wide):
         raise UsageError("no events given: use -e EVENT (for example -e uprobe:./prog:main)")
-    specs = parse_event_list(args.event)
-    at_exec = launched(args)
+    specs = parse_event_list(args.event or [",".join(DEFAULT_SET)])
+    at_exec = launched(args) and not system_wide
+    used = engine(args)
     return [
         EventAttr(
-            probe=spec,
-            disabled=at_exec,
+            spec=spec,
+            pmu=pmu_for(spec, used),
+            disabled=at_exec or system_wide,
             enable_on_exec=at_exec,
             inherit=not args.no_inherit,
         )
@@ -80,13 +91,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("-x and -j cannot be used together")
     if args.per_thread and args.per_process:
         raise UsageError("--per-thread and --per-process cannot be used together")
+    cpus = system_wide_cpus(args)
+    if args.no_aggr and cpus is None:
+        raise UsageError("-A (one line per CPU) needs -a or -C")
     if args.sep == "\\t":
         args.sep = "\t"
     cmd = command(args)
     pids, tids = ids(args.pid, "pid"), ids(args.tid, "tid")
     evlist = Evlist(attrs, optimize=not args.no_optimize)
     target: str | None = None
-    if pids or tids:
+    if cpus is not None:
+        result = evlist.run_system_wide(cpus, cmd)
+    elif pids or tids:
         result = evlist.run_attached(pids, tids, cmd)
         target = (
             f"process id '{','.join(map(str, pids))}'" if pids else f"thread id '{','.join(map(str, tids))}'"
@@ -97,14 +113,21 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no command given: pmu stat -e EVENT -- COMMAND [ARGS...] (or -p PID)")
     lines: list[StatLine] = []
     for evsel in evlist.evsels:
-        if args.per_thread or args.per_process:
+        unit = evsel.attr.counter.unit if evsel.attr.counter is not None else ""
+        supported = evlist.supported(evsel)
+        if args.no_aggr:
+            for task, counts in evlist.per_task(evsel):
+                cpu = getattr(task, "cpu", None)
+                lines.append(StatLine(evsel.name, counts, unit=unit, supported=supported, cpu=cpu))
+        elif args.per_thread or args.per_process:
             rows = evlist.per_task(evsel) if args.per_thread else evlist.per_process(evsel)
             for task, counts in rows:
                 if counts.value:
                     label = f"{task.comm}-{task.tid if args.per_thread else task.pid}"
-                    lines.append(StatLine(evsel.name, counts, thread=label))
+                    lines.append(StatLine(evsel.name, counts, thread=label, unit=unit))
         else:
-            lines.append(StatLine(evsel.name, evlist.read(evsel)))
+            lines.append(StatLine(evsel.name, evlist.read(evsel), unit=unit, supported=supported))
+    lines = shadow_metrics(lines, result.elapsed_s)
     report = StatReport(
         command=cmd,
         lines=lines,
@@ -113,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         sys_s=result.sys_s,
         target=target,
         per_thread=args.per_thread or args.per_process,
+        system_wide=cpus is not None,
     )
     numbers = _numbers()
     if args.output:

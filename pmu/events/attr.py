@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pmu.events.spec import ProbeSpec
+from pmu.events.counters import CounterSpec
+from pmu.events.spec import EventSpec, ProbeSpec
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,10 @@ class ReadFormat:
 class EventAttr:
     """The request for one event, as perf_event_attr is for perf_event_open."""
 
-    probe: ProbeSpec
-    """Where the event fires: the parsed `-e` string."""
+    spec: EventSpec
+    """What the event counts: the parsed `-e` string (a probe, or a generic counter)."""
     pmu: str = "uprobe"
-    """Name of the PMU that serves this event (the probe kind's backend)."""
+    """Registry name of the PMU that serves this event (pmu.core.REGISTRY)."""
     disabled: bool = False
     """Start the event off; it counts only once enabled (by enable_on_exec or an explicit enable)."""
     inherit: bool = True
@@ -43,4 +44,16 @@ class EventAttr:
     @property
     def name(self) -> str:
         """The event's name in output: the event string as written."""
-        return self.probe.text
+        return self.spec.text
+
+    @property
+    def probe(self) -> ProbeSpec:
+        """The probe of a probe event (TypeError for a counter: only probe backends ask)."""
+        if not isinstance(self.spec, ProbeSpec):
+            raise TypeError(f"{self.spec.text} is not a probe")
+        return self.spec
+
+    @property
+    def counter(self) -> CounterSpec | None:
+        """The generic counter this event counts, or None for a probe."""
+        return self.spec if isinstance(self.spec, CounterSpec) else None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from pmu.errors import EventSpecError
+from pmu.events.counters import CounterSpec, counter
 
 
 class ProbeKind(Enum):
@@ -78,7 +79,9 @@ def _error(text: str, problem: str, hint: str = "") -> EventSpecError:
 
 
 def _unknown_type(text: str, word: str) -> EventSpecError:
-    return EventSpecError(f"unknown event type '{word}' in '{text}' (pmu supports uprobe, uretprobe)")
+    return EventSpecError(
+        f"unknown event type '{word}' in '{text}' (pmu supports uprobe, uretprobe and counters)"
+    )
 
 
 def _parse_number(text: str, digits: str, what: str) -> int:
@@ -157,13 +160,22 @@ def parse_event(text: str) -> ProbeSpec:
     return ProbeSpec(kind=kind, target=target, symbol=symbol, offset=offset, address=address, text=text)
 
 
-def parse_event_list(texts: list[str]) -> list[ProbeSpec]:
-    """Parse every -e value; each may hold a comma-separated list of events."""
-    specs: list[ProbeSpec] = []
+EventSpec = ProbeSpec | CounterSpec
+"""What one event string names: a probe, or one of the kernel's generic counters."""
+
+
+def parse_event_list(texts: list[str]) -> list[EventSpec]:
+    """Parse every -e value; each may hold a comma-separated list of events.
+
+    perf's counter names (`task-clock`, `cs`, `cycles`, see counters.py) name counters, as in perf; a
+    symbol of that name is written `uprobe:NAME`.
+    """
+    specs: list[EventSpec] = []
     for value in texts:
         pieces = value.split(",")
         for piece in pieces:
             if not piece.strip():
                 raise EventSpecError(f"empty event in '{value.strip()}' (a comma separates events)")
-            specs.append(parse_event(piece))
+            found = counter(piece)
+            specs.append(found if found is not None else parse_event(piece))
     return specs

@@ -18,6 +18,7 @@ width, separator and quirk below was taken from the perf 6.1 binary (util/stat-d
 
 from __future__ import annotations
 
+import dataclasses
 import json as _json
 import locale
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from pmu.events.event import Counts
 
 NOT_COUNTED = "<not counted>"
 """What perf prints in the count field of an event that never ran (time_running or time_enabled is 0)."""
+NOT_SUPPORTED = "<not supported>"
+"""What perf prints for an event the machine cannot count (a hardware event without a hardware PMU)."""
 
 COUNTS_LEN = 18
 """Width of the count column in text output."""
@@ -59,7 +62,14 @@ class StatLine:
     thread: str | None = None
     """"COMM-TID" for --per-thread lines, None otherwise."""
     unit: str = ""
-    """The event's unit (empty for probes)."""
+    """The event's unit (empty for probes; `msec` for task-clock and cpu-clock, whose count is in ns
+    and printed in msec with two decimals, as perf's)."""
+    metric: tuple[float, str] | None = None
+    """perf's shadow metric for the line, (value, unit): `CPUs utilized`, `K/sec`; None for none."""
+    supported: bool = True
+    """False: the machine cannot count the event (`<not supported>`)."""
+    cpu: int | None = None
+    """With -A (per-CPU output): the CPU of the line."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,8 @@ class StatReport:
     """What was attached to instead of a command, e.g. "process id '1234'" or "thread id '1234'"."""
     per_thread: bool = False
     """One line per event and thread, each led by its COMM-TID, as `perf stat --per-thread`."""
+    system_wide: bool = False
+    """A system-wide run (-a/-C): the header says 'system wide' and no user/sys times follow."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,13 @@ class NumberFormat:
         text = f"{value:.0f}"
         sign, digits = ("-", text[1:]) if text.startswith("-") else ("", text)
         return sign + self._group(digits)
+
+    def grouped(self, value: float, decimals: int) -> str:
+        """`%'.Nf`: digits grouped, the locale's decimal point (perf's msec counts)."""
+        text = f"{value:.{decimals}f}"
+        whole, _, frac = text.partition(".")
+        out = self.count(float(whole)) if whole not in ("-0",) else "-0"
+        return out + (self.decimal_point + frac if decimals else "")
 
     def fixed(self, value: float, decimals: int) -> str:
         """`%.Nf` with the locale's decimal point (perf groups only counts, not times or percentages)."""
@@ -155,17 +174,21 @@ class _Reading:
     """The count (scaled when multiplexed), None when perf would print `<not counted>`."""
     run: int
     ena: int
+    absent: str = NOT_COUNTED
+    """What the count field says when value is None."""
 
     @property
     def csv_percent(self) -> float:
         """perf's CSV/JSON percentage: 100 unless run != ena, then 100 * run / ena in integer (u64) math."""
-        if self.run == self.ena:
+        if self.run == self.ena or self.ena == 0:
             return 100.0
         return float(100 * self.run // self.ena)
 
 
 def _read(line: StatLine) -> _Reading:
     counts = line.counts
+    if not line.supported:
+        return _Reading(None, 0, 0, NOT_SUPPORTED)
     if counts is None:
         return _Reading(None, 0, 0)
     run, ena = counts.time_running, counts.time_enabled
@@ -180,7 +203,7 @@ def _read(line: StatLine) -> _Reading:
 
 def _ordered(report: StatReport) -> list[StatLine]:
     """Lines in perf's order: as given, or with --per-thread each event's threads by count, highest first."""
-    if not report.per_thread:
+    if not report.per_thread or any(line.cpu is not None for line in report.lines):
         return list(report.lines)
     by_event: dict[str, list[StatLine]] = {}
     for line in report.lines:
@@ -200,18 +223,40 @@ def _thread_std(thread: str) -> str:
     return f"{comm:>{COMM_LEN}}-{tid:<{TID_LEN}} "
 
 
+def _is_msec(line: StatLine) -> bool:
+    return line.unit == "msec"
+
+
+def _text_metric(line: StatLine, numbers: NumberFormat) -> str:
+    """perf's print_metric_std: ` # ` then `%8.3f`, a space, the unit padded to fill METRIC_LEN."""
+    if line.metric is None:
+        return " " * METRIC_LEN
+    value, unit = line.metric
+    head = f" # {numbers.fixed(value, 3):>8}"
+    return head + " " + f"{unit:<{METRIC_LEN - len(head) - 1}}"
+
+
 def _text_line(line: StatLine, per_thread: bool, numbers: NumberFormat) -> str:
     reading = _read(line)
-    prefix = _thread_std(line.thread or "") if per_thread else ""
+    prefix = _thread_std(line.thread or "") if per_thread and line.cpu is None else ""
+    if line.cpu is not None:
+        prefix = f"CPU{line.cpu:<7} "
     if reading.value is None:
-        fields = f"{NOT_COUNTED:>{COUNTS_LEN}} {line.unit:<{UNIT_LEN}} {line.event:<{EVNAME_LEN_NOT_COUNTED}}"
+        fields = (
+            f"{reading.absent:>{COUNTS_LEN}} {line.unit:<{UNIT_LEN}} {line.event:<{EVNAME_LEN_NOT_COUNTED}}"
+        )
+        metric = " " * METRIC_LEN
     else:
-        count = numbers.count(reading.value)
+        if _is_msec(line):
+            count = numbers.grouped(reading.value / 1e6, 2)
+        else:
+            count = numbers.count(reading.value)
         fields = f"{count:>{COUNTS_LEN}} {line.unit:<{UNIT_LEN}} {line.event:<{EVNAME_LEN}}"
+        metric = _text_metric(line, numbers)
     running = ""
     if reading.run != reading.ena:
         running = f"  ({numbers.fixed(100.0 * reading.run / reading.ena, 2)}%)"
-    return prefix + fields + " " * METRIC_LEN + running
+    return prefix + fields + metric + running
 
 
 def format_text(report: StatReport, numbers: NumberFormat | None = None) -> str:
@@ -221,10 +266,12 @@ def format_text(report: StatReport, numbers: NumberFormat | None = None) -> str:
     """
     numbers = NumberFormat.from_locale() if numbers is None else numbers
     what = report.target if report.target is not None else "'" + " ".join(report.command) + "'"
+    if report.system_wide:
+        what = "'system wide'"
     out = [f"\n Performance counter stats for {what}:\n\n"]
     out.extend(_text_line(line, report.per_thread, numbers) + "\n" for line in _ordered(report))
     out.append(f"\n {numbers.fixed(report.elapsed_s, 9):>17} seconds time elapsed")
-    if report.target is None:
+    if report.target is None and not report.system_wide:
         # perf shows the rusage of a command it launched, never of a process it attached to.
         out.append(f"\n\n {numbers.fixed(report.user_s, 9):>17} seconds user\n")
         out.append(f" {numbers.fixed(report.sys_s, 9):>17} seconds sys\n")
@@ -237,9 +284,20 @@ def format_csv(report: StatReport, sep: str) -> str:
     out: list[str] = []
     for line in _ordered(report):
         reading = _read(line)
-        fields = [line.thread or ""] if report.per_thread else []
-        fields.append(NOT_COUNTED if reading.value is None else f"{reading.value:.0f}")
-        fields += [line.unit, line.event, str(reading.run), f"{reading.csv_percent:.2f}", "", ""]
+        fields = [line.thread or ""] if report.per_thread and line.cpu is None else []
+        if line.cpu is not None:
+            fields = [f"CPU{line.cpu}"]
+        if reading.value is None:
+            fields.append(reading.absent)
+        elif _is_msec(line):
+            fields.append(f"{reading.value / 1e6:.2f}")
+        else:
+            fields.append(f"{reading.value:.0f}")
+        fields += [line.unit, line.event, str(reading.run), f"{reading.csv_percent:.2f}"]
+        if line.metric is not None and reading.value is not None:
+            fields += [f"{line.metric[0]:.3f}", line.metric[1]]
+        else:
+            fields += ["", ""]
         out.append(sep.join(fields) + "\n")
     return "".join(out)
 
@@ -254,16 +312,25 @@ def format_json(report: StatReport) -> str:
     for line in _ordered(report):
         reading = _read(line)
         items: list[tuple[str, str]] = []
-        if report.per_thread:
+        if line.cpu is not None:
+            items.append(("cpu", _quote(str(line.cpu))))
+        elif report.per_thread:
             items.append(("thread", _quote(line.thread or "")))
+        if reading.value is None:
+            value = reading.absent
+        else:
+            value = f"{reading.value / 1e6 if _is_msec(line) else reading.value:f}"
+        metric_value, metric_unit = 0.0, "" if reading.value is None else "(null)"
+        if line.metric is not None and reading.value is not None:
+            metric_value, metric_unit = line.metric
         items += [
-            ("counter-value", _quote(NOT_COUNTED if reading.value is None else f"{reading.value:f}")),
+            ("counter-value", _quote(value)),
             ("unit", _quote(line.unit)),
             ("event", _quote(line.event)),
             ("event-runtime", str(reading.run)),
             ("pcnt-running", f"{reading.csv_percent:.2f}"),
-            ("metric-value", f"{0.0:f}"),
-            ("metric-unit", _quote("" if reading.value is None else "(null)")),
+            ("metric-value", f"{metric_value:f}"),
+            ("metric-unit", _quote(metric_unit)),
         ]
         out.append("{" + ", ".join(f"{_quote(key)} : {value}" for key, value in items) + "}\n")
     return "".join(out)
@@ -289,3 +356,34 @@ def write(
         stream.write(format_csv(report, csv_sep))
     else:
         stream.write(format_text(report, numbers))
+
+
+def shadow_metrics(lines: list[StatLine], elapsed_s: float) -> list[StatLine]:
+    """The lines with perf 6.1's generic shadow metrics (stat-shadow.c) filled in, per aggregation unit
+    (the whole run, each thread, each CPU): task-clock and cpu-clock get `CPUs utilized` (their time
+    over the wall-clock time); every other counted event next to one gets its rate per second of it,
+    in /sec, K/sec, M/sec or G/sec (convert_unit_double)."""
+    clock: dict[tuple[str | None, int | None], float] = {}
+    for line in lines:
+        reading = _read(line)
+        if _is_msec(line) and reading.value is not None:
+            clock.setdefault((line.thread, line.cpu), reading.value)
+    out: list[StatLine] = []
+    for line in lines:
+        reading = _read(line)
+        metric: tuple[float, str] | None = None
+        if reading.value is not None:
+            nsecs = clock.get((line.thread, line.cpu))
+            if _is_msec(line):
+                metric = (reading.value / (elapsed_s * 1e9) if elapsed_s > 0 else 0.0, "CPUs utilized")
+            elif nsecs is not None:
+                metric = _rate(1e9 * reading.value / nsecs if nsecs else 0.0)
+        out.append(dataclasses.replace(line, metric=metric))
+    return out
+
+
+def _rate(per_sec: float) -> tuple[float, str]:
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if per_sec > scale:
+            return per_sec / scale, f"{prefix}/sec"
+    return per_sec, "/sec"

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from pmu.core import EF_START, EF_UPDATE, Pmu, Task
+from pmu.core import EF_EXIT, EF_START, EF_UPDATE, Pmu, Task
 from pmu.errors import EventSpecError, PmuError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Counts, Event, EventState, HookReason
@@ -285,7 +285,7 @@ class Scheduler:
         now = self._clock()
         ctx.update_time(now)
         events = ctx.events()
-        self._sched_out(ctx, events, now)
+        self._sched_out(ctx, events, now, EF_UPDATE | EF_EXIT)
         for e in events:
             self._set_state(e, EventState.EXIT, now)
             parent = e.parent
@@ -320,9 +320,14 @@ class Scheduler:
     def _family(event: Event) -> list[Event]:
         return [event, *event.children]
 
-    @staticmethod
-    def _update_time(event: Event, now: int) -> None:
-        """perf_event_update_time: enabled advances while state >= INACTIVE, running while ACTIVE."""
+    def _update_time(self, event: Event, now: int) -> None:
+        """perf_event_update_time: enabled advances while state >= INACTIVE, running while ACTIVE.
+
+        Not for the events of a PMU that keeps their times itself (a kernel counter's come with its
+        count, from the kernel)."""
+        if getattr(self._pmus.get(event.attr.pmu), "keeps_time", False):
+            event.tstamp = now
+            return
         delta = now - event.tstamp
         if event.state >= INACTIVE:
             event.time_enabled += delta
@@ -387,14 +392,17 @@ class Scheduler:
             self._sched_out(ctx, ctx.flexible_of(name), now)
         self._sched_in(ctx, now)
 
-    def _sched_out(self, ctx: EventContext, events: Iterable[Event], now: int) -> None:
-        """Take added events off their PMU (remove with EF_UPDATE); ACTIVE ones become INACTIVE."""
+    def _sched_out(
+        self, ctx: EventContext, events: Iterable[Event], now: int, flags: int = EF_UPDATE
+    ) -> None:
+        """Take added events off their PMU (remove with EF_UPDATE, and EF_EXIT when the task exits);
+        ACTIVE ones become INACTIVE."""
         for e in events:
             if e not in self._added:
                 continue
             self._added.discard(e)
             try:
-                self._pmus[e.attr.pmu].remove(e, EF_UPDATE)
+                self._pmus[e.attr.pmu].remove(e, flags)
             except PmuError as err:
                 self._errors[e] = err
             if e.state is ACTIVE:

@@ -71,6 +71,10 @@ class StartUp:
     """r_brk has reported RT_ADD for the program's link map: the next RT_CONSISTENT ends start-up."""
 
 
+TrapHandler = Callable[[Task], bool]
+"""Claims a trap stop of a task (True: handled and resumed) or passes it on (False)."""
+
+
 class TraceListener(Protocol):
     """What the layer above (the evlist) hears from the tracer."""
 
@@ -122,6 +126,11 @@ class Tracer:
         """Rings no process maps any more, to be drained to the end and closed by the consumer."""
         self.on_fs_base: Callable[[Task], None] | None = None
         """Called when a thread's FS base is seen to change (how recording trampolines name threads)."""
+        self.trap_handlers: dict[int, list[TrapHandler]] = {
+            signal.SIGTRAP: [self._trap],
+            signal.SIGILL: [self._fault],
+        }
+        """Who claims a signal-delivery-stop of each trap signal, in order (see register_trap)."""
         self._stopping: dict[AddressSpace, int] = {}
         self._held: dict[int, int] = {}
         """Signals to deliver at detach, collected by `quiesce`."""
@@ -313,21 +322,27 @@ class Tracer:
             sig = (status >> 8) & 0xFF
             event = status >> 16
             if event == 0:
-                if sig == signal.SIGTRAP:
-                    self._trap(task)
-                elif sig == signal.SIGILL:
-                    self._fault(task)
-                elif sig == pt.SYSCALL_TRAP:
+                if sig == pt.SYSCALL_TRAP:
                     self._syscall_stop(task)
-                else:
-                    self._signal(task, sig)
+                    return
+                for handler in self.trap_handlers.get(sig, ()):
+                    if handler(task):
+                        return
+                self._signal(task, sig)
             else:
                 task.state = TaskState.STOPPED
                 self._event(task, event, sig)
         else:
             self._exited(task, status)
 
-    def _trap(self, task: Task) -> None:
+    def register_trap(self, sig: int, handler: TrapHandler) -> None:
+        """Give a backend the signal-delivery-stops of `sig` (SIGTRAP, SIGILL) that no handler before
+        it claimed (the breakpoints' own come first). A handler returns True if the stop was its trap
+        (and has resumed the task), False to pass it on; a stop nobody claims is delivered unchanged."""
+        self.trap_handlers.setdefault(sig, []).append(handler)
+
+    def _trap(self, task: Task) -> bool:
+        """A SIGTRAP: a probe's int3, a hijacked return, or else not ours (False)."""
         tid = task.tid
         try:
             rip = pt.peek_user(tid, pt.RIP)
@@ -338,17 +353,18 @@ class Tracer:
                 pt.poke_user(tid, pt.RIP, self._returned(task))
                 self._cont(task)
                 task.state = TaskState.RUNNING
-                return
+                return True
             if bp is not None or (rip - 1) in task.mm.removed:
                 ours = bp is not None and bp.length > 1 or pt.siginfo_code(tid)[1] == pt.SI_KERNEL
                 if ours:  # bp None: a breakpoint another thread removed meanwhile: rewind to it
                     self._hit(task, bp, rip - 1)
-                    return
+                    return True
             task.state = TaskState.STOPPED
-            self._signal(task, signal.SIGTRAP)
+            return False
         except pt.PtraceError as err:
             if not pt.is_gone(err):
                 raise
+            return True  # gone: nothing left to deliver
 
     def _hit(self, task: Task, bp: Breakpoint | None, rewind: int | None) -> None:
         """A probe's trap in a stopped thread: its consumers run and the thread goes on in the slot; a
@@ -363,7 +379,7 @@ class Tracer:
         self._cont(task)
         task.state = TaskState.RUNNING
 
-    def _fault(self, task: Task) -> None:
+    def _fault(self, task: Task) -> bool:
         """A SIGILL: a hit of a probe on a 1-byte instruction (its UD, with RIP still at the probe) if
         the kernel raised it for an invalid opcode there; any other is the program's, delivered."""
         tid = task.tid
@@ -374,11 +390,12 @@ class Tracer:
             site = bp is not None and bp.length == 1 or bp is None and rip in mm.removed
             if site and pt.siginfo_code(tid)[1] == guard.ILL_ILLOPN:
                 self._hit(task, bp, None)  # bp None: removed meanwhile, RIP already at what is there now
-                return
-            self._signal(task, signal.SIGILL)
+                return True
+            return False
         except pt.PtraceError as err:
             if not pt.is_gone(err):
                 raise
+            return True
 
     def _signal(self, task: Task, sig: int) -> None:
         """A signal-delivery-stop for a signal that is not ours: deliver it unchanged."""

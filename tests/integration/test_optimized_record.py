@@ -142,7 +142,7 @@ def test_rings_of_finished_processes_are_drained_and_closed(build):
 
     recpath = str(build("recpath"))
     attr = EventAttr(
-        probe=parse_event(f"uprobe:{recpath}:work"), disabled=True, enable_on_exec=True, sample_period=1
+        spec=parse_event(f"uprobe:{recpath}:work"), disabled=True, enable_on_exec=True, sample_period=1
     )
     evlist = Evlist([attr])
     pids: list[int] = []

@@ -52,7 +52,7 @@ class FakeClock:
 def make_attr(name: str, **fields: object) -> EventAttr:
     """An EventAttr for `uprobe:<name>` without parsing (symbol = name), with any field overridden."""
     probe = ProbeSpec(kind=ProbeKind.UPROBE, target=None, symbol=name, offset=0, address=None, text=name)
-    return EventAttr(probe=probe, **fields)  # type: ignore[arg-type]
+    return EventAttr(spec=probe, **fields)  # type: ignore[arg-type]
 
 
 def tid_of(event: Event) -> int:

@@ -166,9 +166,9 @@ MATRIX = {
             ("remove", "f", 200, 2),
             ("hook_task", "f", 200, "exec"),
             ("add", "f", 200, 1),
-            # exits
-            ("remove", "f", 200, 2),
-            ("remove", "f", 100, 2),
+            # exits (EF_UPDATE | EF_EXIT)
+            ("remove", "f", 200, 6),
+            ("remove", "f", 100, 6),
         ],
         7 + 11 + 13,
     ),
@@ -184,8 +184,8 @@ MATRIX = {
             ("remove", "f", 200, 2),
             ("hook_task", "f", 200, "exec"),
             ("add", "f", 200, 1),
-            ("remove", "f", 200, 2),
-            ("remove", "f", 100, 2),
+            ("remove", "f", 200, 6),
+            ("remove", "f", 100, 6),
         ],
         5 + 7 + 11 + 13,
     ),
@@ -195,7 +195,7 @@ MATRIX = {
             ("hook_task", "f", 100, "exec"),
             ("add", "f", 100, 1),
             # fork: not inherited, the child has nothing; its exec and exit make no calls
-            ("remove", "f", 100, 2),
+            ("remove", "f", 100, 6),
         ],
         7,
     ),
@@ -206,7 +206,7 @@ MATRIX = {
             ("remove", "f", 100, 2),
             ("hook_task", "f", 100, "exec"),
             ("add", "f", 100, 1),
-            ("remove", "f", 100, 2),
+            ("remove", "f", 100, 6),
         ],
         5 + 7,
     ),
@@ -329,7 +329,7 @@ def test_thread_exit_folds_into_the_parent(sched: Scheduler, fake: FakePmu, cloc
     fake.take()
 
     sched.task_exit(THREAD)
-    assert fake.take() == [("remove", "f", 101, 2)]  # no hook_task at exit
+    assert fake.take() == [("remove", "f", 101, 6)]  # no hook_task at exit
     assert t1.state is EXIT and t1.count == 20
     assert (e.child_count, e.child_time_enabled, e.child_time_running) == (20, 100, 100)
     assert e.children == [t1, t2] and sched.context(THREAD) is None

@@ -1,0 +1,290 @@
+"""Kernel PMUs over perf_event_open(2): the kernel's uprobe PMU, software counters, hardware counters.
+
+Each is a plug-in of the registry (pmu.core.REGISTRY) and is driven only through the Pmu operations.
+The kernel counts; pmu adds nothing per hit. An event's counter is one file descriptor:
+
+- on a task (pid = tid, cpu = -1) or on a CPU of a system-wide run (pid = -1, cpu = N: the scheduler's
+  CPU contexts, whose tasks carry `cpu`);
+- a user-opened event on a task inherits in the kernel (attr.inherit), as perf's do: forked and cloned
+  children count into the same descriptor, so the scheduler's inherited copies of it have nothing of
+  their own (their add() opens nothing). Without attr.inherit, each thread pmu follows gets its own;
+- a task that has not reached its exec yet (`exec_pending`, the untraced launcher's command) gets its
+  counter opened disabled with enable_on_exec, so the kernel starts it at the exec, as perf stat;
+- remove() reads the count. At an exit (EF_EXIT) the descriptor stays open and counting, as the
+  kernel keeps counting the rest of the exit and the children that inherited it, until flush() reads it
+  for the last time and closes it; any other remove (exec, rotation, disable) also disables it, and a
+  later add() enables the same descriptor again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass, field
+
+from pmu import perf_event as pe
+from pmu.core import EF_EXIT, EF_START, EF_UPDATE, PmuBase, PmuEnv, Target
+from pmu.errors import EventSpecError, PmuError, TracePermissionError
+from pmu.events.attr import EventAttr
+from pmu.events.counters import TYPE_HARDWARE, TYPE_SOFTWARE
+from pmu.events.event import Event
+from pmu.events.spec import ProbeKind
+from pmu.events.symbols import resolve_probe, resolve_target
+
+
+class KernelEventError(PmuError):
+    """perf_event_open refused an event for a reason other than 'not supported'."""
+
+    kind = "kernel"
+
+
+@dataclass
+class _Config:
+    """What perf_event_open gets for one attr (shared by every descriptor of it)."""
+
+    type: int
+    config: int
+    config1: int = 0
+    config2: int = 0
+    keep: ctypes.Array[ctypes.c_char] | None = None
+    """The path string config1 points to (kept alive for as long as the attr may be opened)."""
+    how: str = ""
+
+
+@dataclass
+class _Counter:
+    fd: int
+    exiting: bool = False
+
+
+@dataclass
+class KernelPmu(PmuBase):
+    """The part every kernel backend shares: one descriptor per event, read/enable/disable on it.
+
+    Times are the kernel's (keeps_time): a counter the kernel multiplexed (hardware counters with
+    fewer registers than events) reads time_running < time_enabled and is scaled and marked as perf."""
+
+    name: str = "kernel"
+    slots: int | None = None
+    needs_tracer: bool = False
+    keeps_time: bool = True
+    _configs: dict[EventAttr, _Config] = field(default_factory=dict)
+    _counters: dict[Event, _Counter] = field(default_factory=dict)
+    _unsupported: set[EventAttr] = field(default_factory=set)
+    _closed: list[int] = field(default_factory=list)
+
+    # ---- what each backend says --------------------------------------------------------------------
+
+    def _config(self, attr: EventAttr, target: Target) -> _Config:
+        raise NotImplementedError
+
+    # ---- Pmu operations ---------------------------------------------------------------------------
+
+    def event_check(self, attr: EventAttr, target: Target) -> None:
+        config = self._configs.get(attr)
+        if config is None:
+            config = self._configs[attr] = self._config(attr, target)
+        # Try the event once, disabled, where it will count: 'not supported' is known before the run
+        # (perf prints <not supported> and goes on); no rights for -a is an error.
+        cpu = pe.online_cpus()[0] if target.system_wide else -1
+        try:
+            fd = self._open(attr, config, pid=-1 if target.system_wide else 0, cpu=cpu, flags=pe.DISABLED)
+        except OSError as err:
+            if err.errno in pe.NOT_SUPPORTED_ERRNOS:
+                self._unsupported.add(attr)
+                return
+            raise self._error(attr, err, target.system_wide) from None
+        os.close(fd)
+
+    def event_init(self, event: Event) -> None:
+        """Open the event's descriptor, disabled (add() enables it): opening every event first and
+        enabling them after, as perf does, keeps the first one from counting while the others open."""
+        attr = event.attr
+        if attr not in self._configs:
+            self.event_check(attr, Target(system_wide=getattr(event.task, "cpu", None) is not None))
+        event.pmu_private = self._configs[attr]
+        self._open_for(event, pe.DISABLED)
+
+    def add(self, event: Event, flags: int) -> bool:
+        counter = self._counters.get(event)
+        if counter is None:
+            if event.parent is None or event.attr.inherit:
+                return True  # not supported, gone, or counted in the user-opened event's descriptor
+            self._open_for(event, 0 if flags & EF_START else pe.DISABLED)  # a thread of its own
+        elif flags & EF_START and not getattr(event.task, "exec_pending", False):
+            pe.ioctl(counter.fd, pe.IOC_ENABLE)  # (before its exec the kernel enables it at the exec)
+        return True
+
+    def _open_for(self, event: Event, bits: int) -> None:
+        attr = event.attr
+        if attr in self._unsupported:
+            return
+        task = event.task
+        assert task is not None
+        cpu = getattr(task, "cpu", None)
+        if cpu is None and attr.inherit:
+            bits |= pe.INHERIT
+        if getattr(task, "exec_pending", False) and attr.enable_on_exec:
+            bits |= pe.DISABLED | pe.ENABLE_ON_EXEC
+        try:
+            fd = self._open(
+                attr,
+                event.pmu_private,
+                pid=-1 if cpu is not None else task.tid,
+                cpu=cpu if cpu is not None else -1,
+                flags=bits,
+            )
+        except OSError as err:
+            if err.errno == errno.ESRCH:
+                return  # the task is gone already: it counts nothing
+            if err.errno in pe.NOT_SUPPORTED_ERRNOS:
+                self._unsupported.add(attr)
+                return
+            raise self._error(attr, err, cpu is not None) from None
+        self._counters[event] = _Counter(fd)
+
+    def remove(self, event: Event, flags: int) -> None:
+        counter = self._counters.get(event)
+        if counter is None:
+            return
+        self._update(event, counter)
+        if flags & EF_EXIT:
+            counter.exiting = True
+        else:
+            pe.ioctl(counter.fd, pe.IOC_DISABLE)
+
+    def start(self, event: Event, flags: int) -> None:
+        counter = self._counters.get(event)
+        if counter is not None:
+            pe.ioctl(counter.fd, pe.IOC_ENABLE)
+
+    def stop(self, event: Event, flags: int) -> None:
+        counter = self._counters.get(event)
+        if counter is not None:
+            pe.ioctl(counter.fd, pe.IOC_DISABLE)
+            if flags & EF_UPDATE:
+                self._update(event, counter)
+
+    def read(self, event: Event) -> None:
+        counter = self._counters.get(event)
+        if counter is not None:
+            self._update(event, counter)
+
+    def supported(self, event: Event) -> bool:
+        return event.attr not in self._unsupported
+
+    def describe(self, event: Event) -> str:
+        if event.attr in self._unsupported:
+            return f"{self.name}: not supported on this machine"
+        config = self._configs.get(event.attr)
+        return f"kernel {self.name} PMU (perf_event_open{', ' + config.how if config and config.how else ''})"
+
+    def flush(self) -> None:
+        for event, counter in list(self._counters.items()):
+            if counter.exiting:
+                self._update(event, counter)
+            os.close(counter.fd)
+        self._counters.clear()
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _update(self, event: Event, counter: _Counter) -> None:
+        try:
+            reading = pe.read_counter(counter.fd)
+        except OSError:
+            return
+        event.count = reading.value  # the output scales it by the times, as perf does
+        event.time_enabled = reading.enabled
+        event.time_running = reading.running
+
+    def _open(self, attr: EventAttr, config: _Config, pid: int, cpu: int, flags: int) -> int:
+        a = pe.Attr()
+        a.type = config.type
+        a.config = config.config
+        a.config1 = config.config1
+        a.config2 = config.config2
+        a.read_format = pe.FORMAT_TOTAL_TIME_ENABLED | pe.FORMAT_TOTAL_TIME_RUNNING
+        a.flags = flags | pe.EXCLUDE_HV
+        return pe.open_event(a, pid, cpu)
+
+    def _error(self, attr: EventAttr, err: OSError, system_wide: bool) -> PmuError:
+        if err.errno in (errno.EACCES, errno.EPERM):
+            where = "system-wide (-a)" if system_wide else "on this task"
+            return TracePermissionError(
+                f"{attr.name}: no permission to count {where}: perf_event_paranoid is {pe.paranoid()}"
+                " (run as root, with CAP_PERFMON, or lower kernel.perf_event_paranoid)"
+            )
+        if err.errno == errno.EMFILE:
+            return KernelEventError(f"{attr.name}: too many open files (raise ulimit -n)")
+        return KernelEventError(f"{attr.name}: perf_event_open failed: {err.strerror}")
+
+
+@dataclass
+class SoftwarePmu(KernelPmu):
+    """The kernel's software counters: task-clock, context-switches, page-faults, ..."""
+
+    name: str = "software"
+
+    def _config(self, attr: EventAttr, target: Target) -> _Config:
+        spec = attr.counter
+        if spec is None or spec.type != TYPE_SOFTWARE:
+            raise EventSpecError(f"{attr.name}: not a software counter")
+        return _Config(type=TYPE_SOFTWARE, config=spec.config)
+
+
+@dataclass
+class HardwarePmu(KernelPmu):
+    """The CPU's generic hardware counters (cycles, instructions, ...), where the machine has them."""
+
+    name: str = "hardware"
+
+    def _config(self, attr: EventAttr, target: Target) -> _Config:
+        spec = attr.counter
+        if spec is None or spec.type != TYPE_HARDWARE:
+            raise EventSpecError(f"{attr.name}: not a hardware counter")
+        return _Config(type=TYPE_HARDWARE, config=spec.config)
+
+
+@dataclass
+class KernelUprobePmu(KernelPmu):
+    """The kernel's dynamic `uprobe` PMU: config1 = path, config2 = file offset, retprobe bit."""
+
+    name: str = "kernel-uprobe"
+    exe: str | None = None
+
+    def _config(self, attr: EventAttr, target: Target) -> _Config:
+        spec = attr.probe
+        kind = pe.pmu_type("uprobe")
+        if kind is None:
+            raise KernelEventError(f"{attr.name}: this kernel has no uprobe PMU")
+        exe = target.exe or self.exe
+        path = resolve_target(spec.target, exe, target.mapped)
+        probe = resolve_probe(spec, path)
+        config = 0
+        if spec.kind is ProbeKind.URETPROBE:
+            bit = pe.format_bit("uprobe", "retprobe")
+            if bit is None:
+                raise KernelEventError(f"{attr.name}: this kernel's uprobe PMU has no retprobe")
+            config = 1 << bit
+        keep = ctypes.create_string_buffer(probe.path.encode())
+        return _Config(
+            type=kind,
+            config=config,
+            config1=ctypes.addressof(keep),
+            config2=probe.file_offset,
+            keep=keep,
+            how=f"{probe.path}:{probe.file_offset:#x}",
+        )
+
+
+def software_factory(env: PmuEnv) -> SoftwarePmu:
+    return SoftwarePmu()
+
+
+def hardware_factory(env: PmuEnv) -> HardwarePmu:
+    return HardwarePmu()
+
+
+def uprobe_factory(env: PmuEnv) -> KernelUprobePmu:
+    return KernelUprobePmu()

@@ -1,0 +1,185 @@
+"""perf_event_open(2) through ctypes: the attr structure, opening, reading and enabling a counter.
+
+No dependency beyond the C library. The layout is include/uapi/linux/perf_event.h's perf_event_attr at
+PERF_ATTR_SIZE_VER7 (128 bytes), which every kernel since 6.3 reads and every older one since 5.x
+accepts for the fields used here (the kernel zero-checks whatever it does not know).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+NR_PERF_EVENT_OPEN = 298
+"""x86-64 syscall number."""
+
+# attr.flags bits
+DISABLED = 1 << 0
+INHERIT = 1 << 1
+EXCLUDE_HV = 1 << 6
+ENABLE_ON_EXEC = 1 << 12
+SAMPLE_ID_ALL = 1 << 18
+
+# read_format
+FORMAT_TOTAL_TIME_ENABLED = 1
+FORMAT_TOTAL_TIME_RUNNING = 2
+
+# sample_type
+SAMPLE_IP = 1 << 0
+SAMPLE_TID = 1 << 1
+SAMPLE_TIME = 1 << 2
+SAMPLE_CPU = 1 << 7
+SAMPLE_REGS_USER = 1 << 12
+
+IOC_ENABLE = 0x2400
+IOC_DISABLE = 0x2401
+IOC_RESET = 0x2403
+
+FLAG_FD_CLOEXEC = 1 << 3
+
+DEVICES = Path("/sys/bus/event_source/devices")
+
+
+class Attr(ctypes.Structure):
+    """struct perf_event_attr (the fields pmu sets; the rest stay zero)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("size", ctypes.c_uint32),
+        ("config", ctypes.c_uint64),
+        ("sample_period", ctypes.c_uint64),
+        ("sample_type", ctypes.c_uint64),
+        ("read_format", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("wakeup_events", ctypes.c_uint32),
+        ("bp_type", ctypes.c_uint32),
+        ("config1", ctypes.c_uint64),
+        ("config2", ctypes.c_uint64),
+        ("branch_sample_type", ctypes.c_uint64),
+        ("sample_regs_user", ctypes.c_uint64),
+        ("sample_stack_user", ctypes.c_uint32),
+        ("clockid", ctypes.c_int32),
+        ("sample_regs_intr", ctypes.c_uint64),
+        ("aux_watermark", ctypes.c_uint32),
+        ("sample_max_stack", ctypes.c_uint16),
+        ("reserved_2", ctypes.c_uint16),
+        ("aux_sample_size", ctypes.c_uint32),
+        ("reserved_3", ctypes.c_uint32),
+        ("sig_data", ctypes.c_uint64),
+    ]
+
+
+assert ctypes.sizeof(Attr) == 128
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def open_event(attr: Attr, pid: int, cpu: int, group_fd: int = -1) -> int:
+    """perf_event_open(attr, pid, cpu, group_fd, FD_CLOEXEC): the new fd; OSError with the errno."""
+    attr.size = ctypes.sizeof(Attr)
+    fd = _syscall(
+        ctypes.c_long(NR_PERF_EVENT_OPEN),
+        ctypes.byref(attr),
+        ctypes.c_int(pid),
+        ctypes.c_int(cpu),
+        ctypes.c_int(group_fd),
+        ctypes.c_ulong(FLAG_FD_CLOEXEC),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(fd)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One read(2) of a counter opened with TOTAL_TIME_ENABLED|RUNNING."""
+
+    value: int
+    enabled: int
+    running: int
+
+
+def read_counter(fd: int) -> Reading:
+    """The counter's value and times."""
+    data = os.read(fd, 24)
+    value, enabled, running = struct.unpack("<QQQ", data)
+    return Reading(value, enabled, running)
+
+
+def ioctl(fd: int, request: int) -> None:
+    fcntl.ioctl(fd, request, 0)
+
+
+def pmu_type(name: str) -> int | None:
+    """The dynamic type number of a kernel PMU (`uprobe`, `breakpoint`), None if the kernel has none."""
+    try:
+        return int((DEVICES / name / "type").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def format_bit(pmu: str, field: str) -> int | None:
+    """The config bit of a one-bit format field (`uprobe`'s `retprobe` is `config:0`), None if absent."""
+    try:
+        text = (DEVICES / pmu / "format" / field).read_text().strip()
+    except OSError:
+        return None
+    where, _, bits = text.partition(":")
+    if where != "config" or not bits.isdigit():
+        return None
+    return int(bits)
+
+
+def online_cpus() -> list[int]:
+    """The CPUs perf -a counts on (/sys/devices/system/cpu/online)."""
+    return parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text().strip())
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """A CPU list as the kernel and perf -C write it (`0-3,6`); ValueError if malformed."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise ValueError(text)
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(text)
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise ValueError(text)
+        cpus.extend(range(first, last + 1))
+    return sorted(set(cpus))
+
+
+def format_cpu_list(cpus: list[int]) -> str:
+    """The kernel's way of writing a CPU list (0-3,6)."""
+    out: list[str] = []
+    for cpu in sorted(cpus):
+        if out and "-" not in out[-1].split(",")[-1] and int(out[-1]) == cpu - 1:
+            out[-1] = f"{out[-1]}-{cpu}"
+        elif out and "-" in out[-1] and int(out[-1].split("-")[1]) == cpu - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return ",".join(out)
+
+
+def paranoid() -> int:
+    """kernel.perf_event_paranoid (2 when unreadable)."""
+    try:
+        return int(Path("/proc/sys/kernel/perf_event_paranoid").read_text())
+    except (OSError, ValueError):
+        return 2
+
+
+NOT_SUPPORTED_ERRNOS = frozenset({errno.ENOENT, errno.EOPNOTSUPP, errno.ENODEV, errno.ENXIO})
+"""What perf_event_open answers for an event the machine cannot count (perf prints <not supported>)."""
