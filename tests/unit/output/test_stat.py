@@ -390,3 +390,132 @@ def test_write_dispatches_on_options() -> None:
 def test_write_rejects_csv_with_json() -> None:
     with pytest.raises(ValueError, match="mutually exclusive"):
         write(report([]), io.StringIO(), csv_sep=",", json=True)
+
+
+# ---- kernel counters: lines perf 6.1 printed on this machine (`perf stat -- ls /`, `-a -A`, -x, -j) ----
+
+from pmu.output.stat import shadow_metrics  # noqa: E402
+
+
+def _default_set(
+    elapsed_s: float, task_clock_ns: int, cs: int, migrations: int, faults: int
+) -> list[StatLine]:
+    run = task_clock_ns
+    lines = [
+        StatLine("task-clock", Counts(task_clock_ns, run, run), unit="msec"),
+        StatLine("context-switches", Counts(cs, run, run)),
+        StatLine("cpu-migrations", Counts(migrations, run, run)),
+        StatLine("page-faults", Counts(faults, run, run)),
+    ]
+    lines += [
+        StatLine(n, None, supported=False) for n in ("cycles", "instructions", "branches", "branch-misses")
+    ]
+    return shadow_metrics(lines, elapsed_s)
+
+
+def test_text_default_set_as_perf_prints_it() -> None:
+    # perf stat -- ls /  (1.40 msec, elapsed 0.000006599 s: perf's own odd elapsed time gave 211.522)
+    lines = _default_set(0.0066189, 1_400_000, 0, 0, 102)
+    text = format_text(report(lines, elapsed_s=0.0066189), EN_US).splitlines()
+    assert text[3] == pad(
+        "              1.40 msec task-clock                       #    0.212 CPUs utilized", 91
+    )
+    assert text[4] == pad("                 0      context-switches                 #    0.000 /sec", 91)
+    assert text[6] == pad("               102      page-faults                      #   72.857 K/sec", 91)
+    assert text[7] == pad("   <not supported>      cycles", 84)
+    assert text[10] == pad("   <not supported>      branch-misses", 84)
+
+
+def test_csv_default_set_as_perf_prints_it() -> None:
+    lines = _default_set(0.002, 1_412_465, 0, 0, 101)
+    assert format_csv(report(lines), ",").splitlines() == [
+        "1.41,msec,task-clock,1412465,100.00,0.706,CPUs utilized",
+        "0,,context-switches,1412465,100.00,0.000,/sec",
+        "0,,cpu-migrations,1412465,100.00,0.000,/sec",
+        "101,,page-faults,1412465,100.00,71.506,K/sec",
+        "<not supported>,,cycles,0,100.00,,",
+        "<not supported>,,instructions,0,100.00,,",
+        "<not supported>,,branches,0,100.00,,",
+        "<not supported>,,branch-misses,0,100.00,,",
+    ]
+
+
+def test_json_default_set_as_perf_prints_it() -> None:
+    lines = _default_set(0.0041914305, 1_161_602, 25, 0, 50)
+    out = format_json(report(lines)).splitlines()
+    assert out[0] == (
+        '{"counter-value" : "1.161602", "unit" : "msec", "event" : "task-clock", "event-runtime" : 1161602,'
+        ' "pcnt-running" : 100.00, "metric-value" : 0.277137, "metric-unit" : "CPUs utilized"}'
+    )
+    assert out[1] == (
+        '{"counter-value" : "25.000000", "unit" : "", "event" : "context-switches",'
+        ' "event-runtime" : 1161602, "pcnt-running" : 100.00, "metric-value" : 21.522002,'
+        ' "metric-unit" : "K/sec"}'
+    )
+    assert out[4] == (
+        '{"counter-value" : "<not supported>", "unit" : "", "event" : "cycles", "event-runtime" : 0,'
+        ' "pcnt-running" : 100.00, "metric-value" : 0.000000, "metric-unit" : ""}'
+    )
+
+
+def test_per_cpu_lines_as_perf_stat_a_A() -> None:
+    # perf stat -a -A -e task-clock,page-faults -- sleep 0.1
+    elapsed = 0.104209474
+    lines = shadow_metrics(
+        [
+            StatLine("task-clock", full(104_270_000, 104_270_000), unit="msec", cpu=0),
+            StatLine("task-clock", full(104_260_000, 104_260_000), unit="msec", cpu=1),
+            StatLine("page-faults", full(5, 104_270_000), cpu=0),
+            StatLine("page-faults", full(77, 104_260_000), cpu=1),
+        ],
+        elapsed,
+    )
+    text = format_text(report(lines, elapsed_s=elapsed, system_wide=True), EN_US)
+    rows = text.splitlines()
+    assert rows[1] == " Performance counter stats for 'system wide':"
+    assert rows[3] == pad(
+        "CPU0                   104.27 msec task-clock                       #    1.001 CPUs utilized", 102
+    )
+    assert rows[5] == pad(
+        "CPU0                        5      page-faults                      #   47.952 /sec", 102
+    )
+    assert rows[6] == pad(
+        "CPU1                       77      page-faults                      #  738.538 /sec", 102
+    )
+    assert "seconds user" not in text  # perf -a prints no rusage
+    csv = format_csv(report(lines, system_wide=True), ",").splitlines()
+    assert csv[0].startswith("CPU0,104.27,msec,task-clock,104270000,100.00,1.001,CPUs utilized")
+    assert csv[3].startswith("CPU1,77,,page-faults,")
+    first = json.loads(format_json(report(lines, system_wide=True)).splitlines()[0])
+    assert first["cpu"] == "0" and first["metric-unit"] == "CPUs utilized"
+
+
+def test_rate_units_follow_perfs_convert_unit_double() -> None:
+    ns = 1_000_000_000  # one second of task-clock
+    values = {"a": 999, "b": 1_001, "c": 2_000_000, "d": 3_000_000_000}
+    lines = [StatLine("task-clock", full(ns, ns), unit="msec")]
+    lines += [StatLine(name, full(v, ns)) for name, v in values.items()]
+    metrics = [line.metric for line in shadow_metrics(lines, 1.0)[1:]]
+    assert metrics == [(999.0, "/sec"), (1.001, "K/sec"), (2.0, "M/sec"), (3.0, "G/sec")]
+
+
+def test_no_rate_without_a_clock_event() -> None:
+    lines = shadow_metrics([StatLine("uprobe:./prog:work", full(1000))], 1.0)
+    assert lines[0].metric is None
+    assert format_csv(report(lines), ",") == "1000,,uprobe:./prog:work,1000000,100.00,,\n"
+
+
+def test_multiplexed_counter_with_a_rate_keeps_its_percent() -> None:
+    lines = shadow_metrics(
+        [
+            StatLine("task-clock", full(2_000_000, 2_000_000), unit="msec"),
+            StatLine("uprobe:./prog:work", Counts(value=500, time_enabled=2_000_000, time_running=1_000_000)),
+        ],
+        0.004,
+    )
+    text = format_text(report(lines), EN_US).splitlines()[4]
+    # scaled to 1,000 hits over the 2 ms of task-clock: 500 K/sec; then perf's running column
+    assert (
+        text
+        == pad("             1,000      uprobe:./prog:work               #  500.000 K/sec", 91) + "  (50.00%)"
+    )

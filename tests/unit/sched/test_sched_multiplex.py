@@ -203,3 +203,37 @@ def test_add_raising_on_a_child_errors_only_the_child(sched: Scheduler, fake: Fa
     (c,) = sched.task_clone(T, THREAD).inherited
     assert (e.state, c.state) == (ACTIVE, ERROR)
     assert sched.error(c) is fake.fail_add["a"] and sched.error(e) is None
+
+
+def test_two_slots_five_events_scaled_counts_and_perf_percentages(
+    sched: Scheduler, fake: FakePmu, clock: FakeClock
+) -> None:
+    """Acceptance of issue 10: the rotation over 2 slots and 5 events, read as `pmu stat` prints it."""
+    from pmu.output.stat import C_NUMBERS, StatLine, StatReport, format_csv, format_text
+
+    fake.slots = 2
+    names = "abcde"
+    events = [sched.open(make_attr(n), T) for n in names]
+    rates = {n: i + 1 for i, n in enumerate(names)}  # true hits per 4 ms tick
+    seen: list[list[str]] = []
+    for _ in range(50):  # 50 ticks of perf's 4 ms: every event holds a slot 2 ticks in 5
+        seen.append(fake.active_names(T))
+        for name, n in rates.items():
+            fake.hit(T, name, n)
+        clock.advance(4_000_000)
+        sched.rotate()
+    assert seen[:6] == [["a", "b"], ["b", "c"], ["c", "d"], ["d", "e"], ["e", "a"], ["a", "b"]]
+    lines = []
+    for e in events:
+        counts = sched.read(e)
+        assert counts.time_enabled == 200_000_000
+        assert counts.time_running == 80_000_000
+        assert counts.value == 20 * rates[e.name]
+        assert counts.scaled == 50 * rates[e.name]  # the true total
+        assert counts.percent_running == 40.0
+        lines.append(StatLine(e.name, counts))
+    report = StatReport(command=["cmd"], lines=lines, elapsed_s=0.2, user_s=0.0, sys_s=0.0)
+    text = format_text(report, C_NUMBERS).splitlines()
+    assert text[3].startswith("                50      a ") and text[3].endswith("  (40.00%)")
+    assert text[7].startswith("               250      e ") and text[7].endswith("  (40.00%)")
+    assert format_csv(report, ",").splitlines()[1] == "100,,b,80000000,40.00,,"
