@@ -53,7 +53,7 @@ _JSON_KEYS = frozenset({"command", "events", "lost_per_event", "hits_per_event"}
 _INT_KEYS = frozenset({"schema_version", "lost", "start_monotonic_ns", "sample_period", "clock_error_ns"})
 _COUNT_KEYS = frozenset({"lost", "clock_error_ns"})
 """Integer keys that are never negative (sample_period is at least 1)."""
-_INTEGER_COLUMNS = ("time_ns", "pid", "tid", "ip", "retval", "latency_ns")
+_INTEGER_COLUMNS = ("time_ns", "pid", "tid", "ip", "cpu", "retval", "latency_ns")
 """Columns that must hold integers (so must every argN)."""
 _NULLABLE = {
     pa.int8(): pd.Int8Dtype(),
@@ -121,6 +121,8 @@ class EventSummary(TypedDict):
     """Latency percentiles of a return probe with latencies; None otherwise."""
     threads: list[ThreadSummary]
     """Threads that hit, most hits first."""
+    cpus: dict[int, int] | None
+    """Records per CPU, for a system-wide recording (a file with a cpu column); None otherwise."""
 
 
 class Summary(TypedDict):
@@ -391,6 +393,15 @@ def is_return_probe(event: str) -> bool:
     return event.split(":", 1)[0].strip().lower() == "uretprobe"
 
 
+def _per_cpu(df: pd.DataFrame, name: str) -> dict[int, int] | None:
+    """{cpu: records} of one event, CPUs in order; None when the file has no cpu column."""
+    if "cpu" not in df.columns:
+        return None
+    counts = df.loc[df["event"] == name, "cpu"].value_counts().sort_index()
+    cpus, ns = counts.index.to_numpy(np.int64), counts.to_numpy(np.int64)
+    return {int(cpu): int(n) for cpu, n in zip(cpus, ns, strict=True)}
+
+
 def summary(df: pd.DataFrame) -> Summary:
     """Per event: count, duration, hits/s, inter-arrival p50/p90/p99, latency percentiles of return
     probes, lost records, and per thread: count, duration, hits/s. JSON-serializable as is.
@@ -448,6 +459,7 @@ def summary(df: pd.DataFrame) -> Summary:
                 return_probe=is_return_probe(name) or len(own_lat) > 0,
                 latency_ns=None if latency_pct is None else LatencySummary(count=len(own_lat), **latency_pct),
                 threads=per_thread,
+                cpus=_per_cpu(df, name),
             )
         )
     lost = meta.get("lost")

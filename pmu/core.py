@@ -16,6 +16,7 @@ from pmu.events.attr import EventAttr
 from pmu.events.event import Event, HookReason
 
 if TYPE_CHECKING:
+    from pmu.hits import Hits
     from pmu.ring import Ring
 
 # Flags for Pmu.add, as PERF_EF_START.
@@ -176,6 +177,15 @@ class Pmu(Protocol):
         """How the event is served, for -v (one line)."""
         ...
 
+    def samples(self) -> list[Hits]:
+        """Sample records the backend's own rings took since the last call (a kernel counter's mmap
+        ring), for the recording's sink; [] for a backend whose records go to the ring of set_ring."""
+        ...
+
+    def lost(self) -> dict[int, int]:
+        """{event index: records its own rings lost} so far ({} for one that has no rings)."""
+        ...
+
     def supported(self, event: Event) -> bool:
         """False when the machine cannot count this event at all (a hardware event without a hardware
         PMU): the output says `<not supported>`, as perf's, rather than failing the run."""
@@ -230,6 +240,12 @@ class PmuBase:
 
     def describe(self, event: Event) -> str:
         return self.name
+
+    def samples(self) -> list[Hits]:
+        return []
+
+    def lost(self) -> dict[int, int]:
+        return {}
 
     def supported(self, event: Event) -> bool:
         return True

@@ -163,6 +163,9 @@ class Evlist:
             records = self.ring.drain(final=final)
             if len(records):
                 self._sink(Hits.of_records(records, MAX_ARGS))
+        for pmu in self.pmus.values():  # backends with rings of their own (kernel counters' mmap rings)
+            for hits in pmu.samples():
+                self._sink(hits)
         if self.clock is None or not (self.tracer.rings or self.tracer.retired):
             return
         self._trampolines = True
@@ -228,11 +231,15 @@ class Evlist:
         for ring in self.rings:
             for e, n in ring.lost_per_event().items():
                 out[e] = out.get(e, 0) + n
+        for pmu in self.pmus.values():
+            for e, n in pmu.lost().items():
+                out[e] = out.get(e, 0) + n
         return out
 
     @property
     def lost_total(self) -> int:
-        return self._lost_closed_total + sum(ring.lost_total for ring in self.rings)
+        own = sum(n for pmu in self.pmus.values() for n in pmu.lost().values())
+        return self._lost_closed_total + own + sum(ring.lost_total for ring in self.rings)
 
     def _drain_ring(self, ring: Ring, final: bool) -> bool:
         """One chunk of a trampoline ring to the sink (final: all of it, abandoned records skipped);
@@ -299,6 +306,20 @@ class Evlist:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 if self.ring is not None:
                     self.drain(final=True)
+
+    @contextlib.contextmanager
+    def _draining(self) -> Iterator[None]:
+        """Without the tracer's loop (system-wide runs): SIGALRM (every drain interval when recording)
+        and SIGCHLD wake the waiting loop."""
+
+        def wake(signum: int, frame: FrameType | None) -> None:
+            """Only there to end a signal.pause()."""
+
+        # The timer also bounds the wait should SIGCHLD or a stop come between a check and the pause.
+        interval = self.drain_interval if self._sink is not None else 0.1
+        with _signals(wake, (signal.SIGALRM, signal.SIGCHLD)):
+            signal.setitimer(signal.ITIMER_REAL, interval, interval)
+            yield
 
     def _on_tick(self) -> None:
         """The event loop's timer: drain the rings, and rotate multiplexed events every MUX_INTERVAL
@@ -574,15 +595,19 @@ class Evlist:
                         cmd.abandon()
                     raise
                 start = time.monotonic()
-                if cmd is not None:
-                    cmd.release()
-                    status = _shell_status(cmd.wait())
-                else:
+                with self._draining():
+                    if cmd is not None:
+                        cmd.release()
                     while not interrupted:
-                        signal.pause()
+                        if cmd is not None and (done := cmd.poll()) is not None:
+                            status = _shell_status(done)
+                            break
+                        self.drain()
+                        signal.pause()  # woken by the drain timer, SIGCHLD or a stop signal
                 end = time.monotonic()
             finally:
                 self.close()
+                self.drain(final=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         return RunResult(
             status=status,

@@ -26,7 +26,8 @@ COLUMNS_VIEW: Final = np.dtype(
 class Hits:
     """A batch of hits as columns of equal length: `time` in CLOCK_MONOTONIC ns, `tid` a TID, `event` an
     event index, `args` one column per argument register recorded; `retval`, `latency_ns` and `flags`
-    (ring.py's FLAG_RETURN) for batches that may hold returns, None for entries only."""
+    (ring.py's FLAG_RETURN) for batches that may hold returns, None for entries only; `cpu` where the
+    kernel said on which CPU the hit was."""
 
     time: npt.NDArray[np.int64]
     pid: npt.NDArray[Any]
@@ -37,6 +38,8 @@ class Hits:
     retval: npt.NDArray[Any] | None = None
     latency_ns: npt.NDArray[Any] | None = None
     flags: npt.NDArray[Any] | None = None
+    cpu: npt.NDArray[Any] | None = None
+    """The CPU of each hit, for records of the kernel's PMUs (system-wide runs); None otherwise."""
 
     def __len__(self) -> int:
         return len(self.time)

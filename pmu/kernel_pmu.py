@@ -21,7 +21,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from pmu import perf_event as pe
 from pmu.core import EF_EXIT, EF_START, EF_UPDATE, PmuBase, PmuEnv, Target
@@ -31,6 +35,11 @@ from pmu.events.counters import TYPE_HARDWARE, TYPE_SOFTWARE
 from pmu.events.event import Event
 from pmu.events.spec import ProbeKind
 from pmu.events.symbols import resolve_probe, resolve_target
+from pmu.hits import Hits
+from pmu.ring import RECORDS_PER_PAGE
+
+if TYPE_CHECKING:
+    from pmu.ring import Ring
 
 
 class KernelEventError(PmuError):
@@ -56,6 +65,10 @@ class _Config:
 class _Counter:
     fd: int
     exiting: bool = False
+    ring: pe.SampleRing | None = None
+    """The mmap ring of a sampling event."""
+    index: int = 0
+    """The event's index in records."""
 
 
 @dataclass
@@ -73,6 +86,13 @@ class KernelPmu(PmuBase):
     _counters: dict[Event, _Counter] = field(default_factory=dict)
     _unsupported: set[EventAttr] = field(default_factory=set)
     _closed: list[int] = field(default_factory=list)
+    index_of: dict[EventAttr, int] = field(default_factory=dict)
+    """Each attr's event index in records (set_ring)."""
+    pages: int = 64
+    """Data pages of each sampling counter's ring (rounded up to a power of two)."""
+    recording: bool = False
+    _lost: dict[int, int] = field(default_factory=dict)
+    _pending: list[Hits] = field(default_factory=list)
 
     # ---- what each backend says --------------------------------------------------------------------
 
@@ -142,7 +162,13 @@ class KernelPmu(PmuBase):
                 self._unsupported.add(attr)
                 return
             raise self._error(attr, err, cpu is not None) from None
-        self._counters[event] = _Counter(fd)
+        counter = _Counter(fd, index=self.index_of.get(attr, 0))
+        self._counters[event] = counter
+        if attr.sample_period and self.recording and (event.parent is None or not attr.inherit):
+            try:
+                counter.ring = pe.SampleRing(fd, self.pages)
+            except OSError as err:
+                raise KernelEventError(f"{attr.name}: cannot map its ring: {err.strerror}") from None
 
     def remove(self, event: Event, flags: int) -> None:
         counter = self._counters.get(event)
@@ -171,6 +197,74 @@ class KernelPmu(PmuBase):
         if counter is not None:
             self._update(event, counter)
 
+    def set_ring(self, ring: Ring, index_of: dict[EventAttr, int]) -> None:
+        """Recording: sampling events get an mmap ring of their own, the size of pmu's (-m)."""
+        self.index_of = dict(index_of)
+        self.pages = max(1, ring.capacity // RECORDS_PER_PAGE)
+        self.recording = True
+
+    def samples(self) -> list[Hits]:
+        out, self._pending = self._pending, []
+        for counter in self._counters.values():
+            if counter.ring is not None:
+                hits = self._decode(counter, counter.ring.take())
+                if hits is not None:
+                    out.append(hits)
+        return out
+
+    def lost(self) -> dict[int, int]:
+        return dict(self._lost)
+
+    def _decode(self, counter: _Counter, data: bytes) -> Hits | None:
+        """PERF_RECORD_SAMPLE records (IP, TID, TIME, CPU, then the argument registers) as hits;
+        PERF_RECORD_LOST ones counted in lost()."""
+        if not data:
+            return None
+        nregs = self._nargs
+        size = 40 + (8 + 8 * nregs if nregs else 0)
+        buf = np.frombuffer(data, dtype=np.uint8)
+        if len(data) % size == 0:
+            words = buf.view("<u8").reshape(-1, size // 8)
+            header = words[:, 0]
+            if np.all((header & 0xFFFFFFFF) == pe.RECORD_SAMPLE) and np.all((header >> 48) == size):
+                return self._hits(counter, words)
+        # Mixed records (a LOST among the samples): walk the headers.
+        rows: list[np.ndarray] = []
+        at = 0
+        while at + 8 <= len(data):
+            kind, _, rsize = struct.unpack_from("<IHH", data, at)
+            if rsize == 0:
+                break
+            if kind == pe.RECORD_SAMPLE and rsize == size:
+                rows.append(buf[at : at + size].view("<u8"))
+            elif kind == pe.RECORD_LOST:
+                lost = struct.unpack_from("<Q", data, at + 16)[0]
+                self._lost[counter.index] = self._lost.get(counter.index, 0) + lost
+            at += rsize
+        if not rows:
+            return None
+        return self._hits(counter, np.stack(rows))
+
+    def _hits(self, counter: _Counter, words: np.ndarray) -> Hits:
+        n = len(words)
+        halves = words.view("<u4")
+        # word 1 ip, word 2 pid|tid, word 3 time, word 4 cpu|res, word 5 abi, then registers
+        order = sorted(pe.REG_ARGS[: self._nargs])
+        args = tuple(words[:, 6 + order.index(reg)] for reg in pe.REG_ARGS[: self._nargs])
+        return Hits(
+            time=words[:, 3].view(np.int64),
+            pid=halves[:, 4].view(np.int32),
+            tid=halves[:, 5].view(np.int32),
+            event=np.full(n, counter.index, np.int32),
+            ip=words[:, 1],
+            args=args,
+            cpu=halves[:, 8].view(np.int32),
+        )
+
+    @property
+    def _nargs(self) -> int:
+        return max((a.sample_args for a in self.index_of if a.sample_period), default=0)
+
     def supported(self, event: Event) -> bool:
         return event.attr not in self._unsupported
 
@@ -184,6 +278,11 @@ class KernelPmu(PmuBase):
         for event, counter in list(self._counters.items()):
             if counter.exiting:
                 self._update(event, counter)
+            if counter.ring is not None:
+                hits = self._decode(counter, counter.ring.take())
+                if hits is not None:
+                    self._pending.append(hits)  # the last records, for the final drain
+                counter.ring.close()
             os.close(counter.fd)
         self._counters.clear()
 
@@ -206,6 +305,16 @@ class KernelPmu(PmuBase):
         a.config2 = config.config2
         a.read_format = pe.FORMAT_TOTAL_TIME_ENABLED | pe.FORMAT_TOTAL_TIME_RUNNING
         a.flags = flags | pe.EXCLUDE_HV
+        if attr.sample_period and self.recording:
+            a.sample_period = attr.sample_period
+            a.sample_type = pe.SAMPLE_IP | pe.SAMPLE_TID | pe.SAMPLE_TIME | pe.SAMPLE_CPU
+            nargs = self._nargs
+            if nargs:
+                a.sample_type |= pe.SAMPLE_REGS_USER
+                a.sample_regs_user = sum(1 << reg for reg in pe.REG_ARGS[:nargs])
+            a.flags |= pe.USE_CLOCKID
+            a.clockid = pe.CLOCK_MONOTONIC  # the times of pmu's own records
+            a.wakeup_events = 0
         return pe.open_event(a, pid, cpu)
 
     def _error(self, attr: EventAttr, err: OSError, system_wide: bool) -> PmuError:

@@ -24,6 +24,7 @@ INHERIT = 1 << 1
 EXCLUDE_HV = 1 << 6
 ENABLE_ON_EXEC = 1 << 12
 SAMPLE_ID_ALL = 1 << 18
+USE_CLOCKID = 1 << 25
 
 # read_format
 FORMAT_TOTAL_TIME_ENABLED = 1
@@ -35,6 +36,14 @@ SAMPLE_TID = 1 << 1
 SAMPLE_TIME = 1 << 2
 SAMPLE_CPU = 1 << 7
 SAMPLE_REGS_USER = 1 << 12
+
+RECORD_LOST = 2
+RECORD_SAMPLE = 9
+
+REG_ARGS = (5, 4, 3, 2, 16, 17)
+"""perf_event_x86_regs of the SysV argument registers, in argument order: rdi, rsi, rdx, rcx, r8, r9."""
+
+CLOCK_MONOTONIC = 1
 
 IOC_ENABLE = 0x2400
 IOC_DISABLE = 0x2401
@@ -183,3 +192,36 @@ def paranoid() -> int:
 
 NOT_SUPPORTED_ERRNOS = frozenset({errno.ENOENT, errno.EOPNOTSUPP, errno.ENODEV, errno.ENXIO})
 """What perf_event_open answers for an event the machine cannot count (perf prints <not supported>)."""
+
+
+class SampleRing:
+    """The mmap ring of one sampling counter (perf_event_mmap_page, then 2**n data pages)."""
+
+    def __init__(self, fd: int, pages: int) -> None:
+        import mmap
+
+        n = 1
+        while n < pages:
+            n *= 2
+        self.map = mmap.mmap(fd, (1 + n) * mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        offset, size = struct.unpack_from("<QQ", self.map, 1040)
+        self.offset = offset or mmap.PAGESIZE
+        self.size = size or n * mmap.PAGESIZE
+
+    def take(self) -> bytes:
+        """Every record written since the last call, as one contiguous copy; the space is given back."""
+        head = struct.unpack_from("<Q", self.map, 1024)[0]
+        tail = struct.unpack_from("<Q", self.map, 1032)[0]
+        if head == tail:
+            return b""
+        start, end = tail % self.size, head % self.size
+        base = self.offset
+        if head - tail >= self.size or end <= start:
+            data = self.map[base + start : base + self.size] + self.map[base : base + end]
+        else:
+            data = self.map[base + start : base + end]
+        struct.pack_into("<Q", self.map, 1032, head)
+        return data
+
+    def close(self) -> None:
+        self.map.close()

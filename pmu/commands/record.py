@@ -18,9 +18,12 @@ from pmu.commands.options import (
     add_event_options,
     add_target_options,
     command,
+    engine,
     ids,
     launched,
+    pmu_for,
     report_engines_and_errors,
+    system_wide_cpus,
 )
 from pmu.errors import UsageError
 from pmu.events.attr import EventAttr
@@ -94,7 +97,9 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
         raise UsageError(
             f"bad --args {args.args}: x86-64 passes at most {MAX_ARGS} integer arguments in registers"
         )
-    at_exec = launched(args)
+    system_wide = system_wide_cpus(args) is not None
+    at_exec = launched(args) and not system_wide
+    used = engine(args)
     specs = parse_event_list(args.event)
     for spec in specs:
         if isinstance(spec, CounterSpec):
@@ -102,7 +107,8 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
     return [
         EventAttr(
             spec=spec,
-            disabled=at_exec,
+            pmu=pmu_for(spec, used),
+            disabled=at_exec or system_wide,
             enable_on_exec=at_exec,
             inherit=not args.no_inherit,
             sample_period=args.period,
@@ -123,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     attrs = build_attrs(args)
     cmd = command(args)
     pids, tids = ids(args.pid, "pid"), ids(args.tid, "tid")
-    if not (cmd or pids or tids):
+    cpus = system_wide_cpus(args)
+    if not (cmd or pids or tids or cpus is not None):
         raise UsageError("no command given: pmu record -e EVENT -- COMMAND [ARGS...] (or -p PID)")
     names = [a.name for a in attrs]
     returns = any(a.probe.kind.value == "uretprobe" for a in attrs)
@@ -132,13 +139,15 @@ def run(args: argparse.Namespace) -> int:
     start_mono = time.monotonic_ns()
     meta = {
         "pmu.schema_version": str(parquet.SCHEMA_VERSION),
-        "pmu.command": json.dumps(cmd if cmd else [f"-p {args.pid}" if pids else f"-t {args.tid}"]),
+        "pmu.command": json.dumps(cmd if cmd else [_what(args, pids)]),
         "pmu.events": json.dumps(names),
         "pmu.start_time": start_wall,
         "pmu.start_monotonic_ns": str(start_mono),
         "pmu.sample_period": str(args.period),
     }
-    writer = parquet.RecordWriter(args.output, names, args.args, returns, meta)  # checks PATH only
+    writer = parquet.RecordWriter(  # checks PATH only
+        args.output, names, args.args, returns, meta, cpu=cpus is not None
+    )
     try:
         ring = Ring.create(args.pages, len(attrs))
     except OSError as e:
@@ -162,7 +171,12 @@ def run(args: argparse.Namespace) -> int:
     finished = False
     try:
         evlist.record_into(ring, sink, nargs=args.args)
-        result = evlist.run_attached(pids, tids, cmd) if pids or tids else evlist.run_command(cmd)
+        if cpus is not None:
+            result = evlist.run_system_wide(cpus, cmd)
+        elif pids or tids:
+            result = evlist.run_attached(pids, tids, cmd)
+        else:
+            result = evlist.run_command(cmd)
         finished = True
     except OSError as e:
         if e.errno != errno.ENOMEM:  # a mapping (a ring in a traced process) that did not fit
@@ -180,6 +194,13 @@ def run(args: argparse.Namespace) -> int:
     sys.stderr.write(f"[ pmu record: Captured and wrote {size:.3f} MB {args.output} ({samples} samples) ]\n")
     report_engines_and_errors(evlist, args.verbose)
     return result.status
+
+
+def _what(args: argparse.Namespace, pids: list[int]) -> str:
+    """What a recording without a command measured, for its metadata."""
+    if args.all_cpus or args.cpu:
+        return f"-C {args.cpu}" if args.cpu else "-a"
+    return f"-p {args.pid}" if pids else f"-t {args.tid}"
 
 
 def _import_parquet() -> ModuleType:

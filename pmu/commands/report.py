@@ -161,6 +161,15 @@ def _event_lines(ev: EventSummary) -> Iterator[str]:
             f"  {t['count']:>10,}  {share:>6.2f}%  {_rate(t['rate_hz']):>14}  {t['duration_s']:>11.6f}"
             f"  {t['pid']:>8}  {t['tid']:>8}"
         )
+    cpus = ev["cpus"]
+    if cpus:  # a system-wide recording: where the hits ran
+        yield ""
+        yield f"# {'Count':>10}  {'Percent':>7}  {'CPU':>5}"
+        yield f"# {'.' * 10}  {'.' * 7}  {'.' * 5}"
+        yield "#"
+        for cpu, n in cpus.items():
+            share = 100.0 * n / ev["count"] if ev["count"] else 0.0
+            yield f"  {n:>10,}  {share:>6.2f}%  {cpu:>5}"
     yield ""
 
 

@@ -8,6 +8,7 @@ A file of schema version 1 (`SCHEMA_VERSION`) has one row per probe hit, in the 
     event       dictionary<int32, string> the event's name as given with -e
     ip          uint64                    the probed address in the process
     arg0..argN  uint64                    integer argument registers; only when recorded (`nargs` > 0)
+    cpu         int32                     the CPU of the hit; only in system-wide recordings (`cpu`)
     retval      uint64, nullable          only with `returns`: rax at a return, null on other rows
     latency_ns  int64, nullable           only with `returns`: return minus entry time; null on other rows
                                           and where the entry was not seen
@@ -106,7 +107,7 @@ _GATHER_ROWS: Final = 8192
 """Records (1 MiB) converted to columns at a time, so the passes over their fields find them in cache."""
 
 
-def schema(events: Sequence[str], nargs: int, returns: bool) -> pa.Schema:
+def schema(events: Sequence[str], nargs: int, returns: bool, cpu: bool = False) -> pa.Schema:
     """The Arrow schema of a file with these options (the event names do not change it)."""
     fields = [
         pa.field("time_ns", pa.int64(), nullable=False),
@@ -116,6 +117,8 @@ def schema(events: Sequence[str], nargs: int, returns: bool) -> pa.Schema:
         pa.field("ip", pa.uint64(), nullable=False),
     ]
     fields += [pa.field(f"arg{i}", pa.uint64(), nullable=False) for i in range(nargs)]
+    if cpu:
+        fields.append(pa.field("cpu", pa.int32(), nullable=False))
     if returns:
         fields += [pa.field("retval", pa.uint64()), pa.field("latency_ns", pa.int64())]
     return pa.schema(fields)
@@ -309,6 +312,7 @@ class RecordWriter:
         *,
         compression: str = "none",
         background: bool = True,
+        cpu: bool = False,
     ) -> None:
         if not 0 <= nargs <= MAX_ARGS:
             raise ValueError(f"nargs must be 0..{MAX_ARGS}, not {nargs}")
@@ -329,13 +333,17 @@ class RecordWriter:
         self.row_group_rows = row_group_rows
         self.rows_written = 0
         """Rows handed to `write` so far."""
-        self.schema = schema(self.events, nargs, returns)
+        self.cpu = cpu
+        """The file has a cpu column (system-wide recordings)."""
+        self.schema = schema(self.events, nargs, returns, cpu)
         self._metadata = {"pmu.version": __version__, **metadata}
         self._metadata.update(
             {"pmu.schema_version": str(SCHEMA_VERSION), "pmu.events": json.dumps(self.events)}
         )
         self._dictionary = _strings(self.events)
         self._dtypes = [np.int64, np.int32, np.int32, np.int32, np.uint64] + [np.uint64] * nargs
+        if cpu:
+            self._dtypes.append(np.int32)
         if returns:
             self._dtypes += [np.uint64, np.int64, np.uint32]  # retval, latency_ns, flags
         self._buffers: list[npt.NDArray[Any]] = []
@@ -424,6 +432,8 @@ class RecordWriter:
         if len(hits.args) < self.nargs:
             raise ValueError(f"{len(hits.args)} args columns for a file of {self.nargs}")
         fields = [hits.time, hits.pid, hits.tid, hits.event, hits.ip, *hits.args[: self.nargs]]
+        if self.cpu:
+            fields.append(hits.cpu if hits.cpu is not None else np.broadcast_to(np.int32(-1), n))
         if self.returns:
             if hits.retval is not None and hits.latency_ns is not None and hits.flags is not None:
                 fields += [hits.retval, hits.latency_ns, hits.flags]
@@ -497,8 +507,12 @@ class RecordWriter:
             _plain(pa.uint64(), b[4]),
         ]
         columns += [_plain(pa.uint64(), a) for a in b[5 : 5 + self.nargs]]
+        after = 5 + self.nargs
+        if self.cpu:
+            columns.append(_plain(pa.int32(), b[after]))
+            after += 1
         if self.returns:
-            retval, latency, flags = b[5 + self.nargs :]
+            retval, latency, flags = b[after:]
             is_return = (flags & FLAG_RETURN) != 0
             columns.append(_nullable(pa.uint64(), retval, is_return))
             columns.append(_nullable(pa.int64(), latency, is_return & (latency >= 0)))

@@ -108,6 +108,14 @@ class Untraced:
             os.close(self._ok)
         self.wait()
 
+    def poll(self) -> int | None:
+        """The command's wait status if it has ended, else None (never blocks)."""
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = status
+        return self.status
+
     def wait(self) -> int:
         """Wait for the command's end; its wait status."""
         if self.status is None:
