@@ -20,7 +20,6 @@ imported inside the plot functions only, so importing this module does not pay f
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterable
@@ -33,28 +32,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pmu.errors import FileError
+from pmu.recording import (
+    DEFAULT_PATH,
+    INTEGER_COLUMNS,
+    PREFIX,
+    REQUIRED_COLUMNS,
+    SCHEMA_VERSION,
+    decode_metadata,
+)
 
 if TYPE_CHECKING:
     from types import ModuleType
 
     from matplotlib.axes import Axes
 
-SCHEMA_VERSION = 1
-"""The recording schema version this module reads (`pmu.schema_version` in the file's metadata)."""
-DEFAULT_PATH = "pmu.parquet"
-"""Where `pmu record` writes, and `pmu report` reads, when no file is named."""
-REQUIRED_COLUMNS = ("time_ns", "pid", "tid", "event", "ip")
-"""Columns every recording has; the others (argN, retval, latency_ns) are optional."""
 PERCENTILES = (50, 90, 99)
 """The percentiles `summary` reports, as p50, p90, p99 (numpy's default linear interpolation)."""
 
-_PREFIX = "pmu."
-_JSON_KEYS = frozenset({"command", "events", "lost_per_event", "hits_per_event"})
-_INT_KEYS = frozenset({"schema_version", "lost", "start_monotonic_ns", "sample_period", "clock_error_ns"})
-_COUNT_KEYS = frozenset({"lost", "clock_error_ns"})
-"""Integer keys that are never negative (sample_period is at least 1)."""
-_INTEGER_COLUMNS = ("time_ns", "pid", "tid", "ip", "cpu", "retval", "latency_ns")
-"""Columns that must hold integers (so must every argN)."""
 _NULLABLE = {
     pa.int8(): pd.Int8Dtype(),
     pa.int16(): pd.Int16Dtype(),
@@ -189,50 +183,8 @@ def load(path: str | os.PathLike[str] = DEFAULT_PATH) -> pd.DataFrame:
 
 
 def _decode_metadata(name: str, raw: dict[bytes, bytes]) -> dict[str, Any]:
-    """`pmu.*` keys without the prefix; JSON values decoded, versions and counts as ints, the rest as
-    strings. FileError for a value pmu record would never have written (not UTF-8, not JSON, not an
-    integer where one belongs, a JSON value of the wrong shape): a report made of it would be wrong."""
-    meta: dict[str, Any] = {}
-    for k, v in raw.items():
-        key = k.decode("utf-8", "replace")
-        if not key.startswith(_PREFIX):
-            continue
-        key = key[len(_PREFIX) :]
-        try:
-            text = v.decode("utf-8")
-            value: Any = text
-            if key in _JSON_KEYS:
-                value = json.loads(text)
-            elif key in _INT_KEYS:
-                value = int(text)
-        except ValueError:
-            raise _corrupt(name, key, v) from None
-        if not _well_formed(key, value):
-            raise _corrupt(name, key, v)
-        meta[key] = value
-    return meta
-
-
-def _corrupt(name: str, key: str, raw: bytes) -> FileError:
-    shown = raw[:40].decode("utf-8", "replace") + ("..." if len(raw) > 40 else "")
-    return FileError(f"cannot read {name}: corrupt metadata (pmu.{key} is {shown!r})")
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _well_formed(key: str, value: Any) -> bool:
-    """Whether a decoded metadata value has the shape pmu record writes."""
-    if key in ("command", "events"):
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if key in ("lost_per_event", "hits_per_event"):
-        return isinstance(value, dict) and all(_is_count(v) for v in value.values())
-    if key == "sample_period":
-        return _is_count(value) and value >= 1
-    if key in _COUNT_KEYS:
-        return _is_count(value)
-    return True
+    """`pmu.*` keys without the prefix, decoded by the format's owner (pmu.recording), strictly."""
+    return {k[len(PREFIX) :]: v for k, v in decode_metadata(raw, strict=name).items()}
 
 
 def _check(name: str, meta: dict[str, Any], schema: pa.Schema) -> None:
@@ -248,7 +200,7 @@ def _check(name: str, meta: dict[str, Any], schema: pa.Schema) -> None:
         raise FileError(f"cannot read {name}: not a pmu recording (no column {', '.join(missing)})")
     for field in schema:
         arg = field.name.startswith("arg") and field.name[3:].isdigit()
-        integer = field.name in _INTEGER_COLUMNS or arg
+        integer = field.name in INTEGER_COLUMNS or arg
         if integer and not pa.types.is_integer(field.type):
             raise FileError(f"cannot read {name}: column {field.name} is {field.type}, not integers")
         if field.name == "event" and not _is_text(field.type):

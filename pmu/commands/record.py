@@ -7,13 +7,13 @@ import atexit
 import contextlib
 import datetime
 import errno
-import json
 import os
 import sys
 import time
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from pmu import recording
 from pmu.commands.options import (
     add_event_options,
     add_target_options,
@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "-o",
         "--output",
-        default="pmu.parquet",
+        default=recording.DEFAULT_PATH,
         metavar="FILE",
         help="output file (default pmu.parquet; an existing one is kept as FILE.old once the new one is "
         "written)",
@@ -137,14 +137,9 @@ def run(args: argparse.Namespace) -> int:
     evlist = Evlist(attrs, optimize=not args.no_optimize)
     start_wall = datetime.datetime.now(datetime.UTC).isoformat()
     start_mono = time.monotonic_ns()
-    meta = {
-        "pmu.schema_version": str(parquet.SCHEMA_VERSION),
-        "pmu.command": json.dumps(cmd if cmd else [_what(args, pids)]),
-        "pmu.events": json.dumps(names),
-        "pmu.start_time": start_wall,
-        "pmu.start_monotonic_ns": str(start_mono),
-        "pmu.sample_period": str(args.period),
-    }
+    meta = recording.start_metadata(
+        cmd if cmd else [_what(args, pids)], names, args.period, start_wall, start_mono
+    )
     writer = parquet.RecordWriter(  # checks PATH only
         args.output, names, args.args, returns, meta, cpu=cpus is not None
     )
@@ -255,12 +250,9 @@ def _finish(evlist: Evlist, writer: RecordWriter, names: list[str], keep: bool, 
             counts = evlist.read(evsel)
             hits[evsel.name] = counts.value if counts else 0
         writer.close(
-            {
-                "pmu.lost": str(evlist.lost_total),
-                "pmu.lost_per_event": json.dumps({names[i]: n for i, n in lost.items() if n}),
-                "pmu.hits_per_event": json.dumps(hits),
-                "pmu.clock_error_ns": str(evlist.clock_error_ns()),
-            }
+            recording.final_metadata(
+                evlist.lost_total, {names[i]: n for i, n in lost.items()}, hits, evlist.clock_error_ns()
+            )
         )
     except Exception:
         writer.discard()

@@ -19,10 +19,12 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
+from pmu.recording import DEFAULT_PATH
+
 if TYPE_CHECKING:
     from pmu.analysis import EventSummary, Percentiles, Summary
 
-DEFAULT_INPUT = "pmu.parquet"
+DEFAULT_INPUT = DEFAULT_PATH
 """The file read without -i, as `pmu record` writes it without -o."""
 
 CSV_FIELDS = (

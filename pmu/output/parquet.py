@@ -1,6 +1,7 @@
 """The Parquet writer of `pmu record`: drained ring records in, bounded row groups out, run metadata last.
 
-A file of schema version 1 (`SCHEMA_VERSION`) has one row per probe hit, in the order the rings gave them:
+A file of schema version 1 (`SCHEMA_VERSION`, owned with the metadata keys and their codec by
+pmu.recording) has one row per probe hit, in the order the rings gave them:
 
     time_ns     int64                     CLOCK_MONOTONIC of the hit, in ns
     pid         int32                     process (thread group) id
@@ -80,15 +81,15 @@ import pyarrow.parquet as pq
 from pmu import __version__
 from pmu.errors import FileError
 from pmu.hits import Hits
+from pmu.recording import (  # the format's owner; re-exported for the writer's users
+    EVENTS_KEY,
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_KEY,
+    VERSION_KEY,
+    decode_metadata,
+)
+from pmu.recording import encode_metadata as encode_metadata  # (re-exported)
 from pmu.ring import FLAG_RETURN, MAX_ARGS, RECORD_DTYPE
-
-SCHEMA_VERSION: Final = 1
-"""Version of the columns and metadata above; bumped by any change a reader must know of."""
-
-JSON_KEYS: Final = frozenset({"pmu.command", "pmu.events", "pmu.lost_per_event", "pmu.hits_per_event"})
-"""Metadata values that are JSON."""
-INT_KEYS: Final = frozenset({"pmu.schema_version", "pmu.start_monotonic_ns", "pmu.lost", "pmu.sample_period"})
-"""Metadata values that are decimal integers."""
 
 ROW_GROUP_ROWS: Final = 1 << 18
 """Rows per row group of `RecordWriter` by default."""
@@ -122,39 +123,6 @@ def schema(events: Sequence[str], nargs: int, returns: bool, cpu: bool = False) 
     if returns:
         fields += [pa.field("retval", pa.uint64()), pa.field("latency_ns", pa.int64())]
     return pa.schema(fields)
-
-
-def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
-    """Metadata values as the file stores them: strings as they are, lists and dicts as JSON, ints as text."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, str):
-            out[key] = value
-        elif isinstance(value, list | tuple | dict):
-            out[key] = json.dumps(value)
-        else:
-            out[key] = str(value)
-    return out
-
-
-def decode_metadata(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, Any]:
-    """The pmu.* keys of a file's key-value metadata, decoded (JSON_KEYS parsed, INT_KEYS as int)."""
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        key = k.decode() if isinstance(k, bytes) else k
-        text = v.decode() if isinstance(v, bytes) else v
-        if not key.startswith("pmu."):
-            continue
-        value: Any = text
-        try:
-            if key in JSON_KEYS:
-                value = json.loads(text)
-            elif key in INT_KEYS:
-                value = int(text)
-        except ValueError:
-            pass  # a value we cannot decode is shown as it is stored
-        out[key] = value
-    return out
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -336,10 +304,8 @@ class RecordWriter:
         self.cpu = cpu
         """The file has a cpu column (system-wide recordings)."""
         self.schema = schema(self.events, nargs, returns, cpu)
-        self._metadata = {"pmu.version": __version__, **metadata}
-        self._metadata.update(
-            {"pmu.schema_version": str(SCHEMA_VERSION), "pmu.events": json.dumps(self.events)}
-        )
+        self._metadata = {VERSION_KEY: __version__, **metadata}
+        self._metadata.update({SCHEMA_VERSION_KEY: str(SCHEMA_VERSION), EVENTS_KEY: json.dumps(self.events)})
         self._dictionary = _strings(self.events)
         self._dtypes = [np.int64, np.int32, np.int32, np.int32, np.uint64] + [np.uint64] * nargs
         if cpu:
