@@ -1,4 +1,5 @@
-"""`pmu list TARGET [PATTERN]`: the functions a file or library can be probed at, as `perf probe -F -x`."""
+"""`pmu list [TARGET [PATTERN]]`: the functions a file or library can be probed at, as `perf probe -F -x`;
+without TARGET, the kernel's generic counters, as `perf list sw hw`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import os
 import sys
 
+from pmu.events.counters import NAMES, TYPE_HARDWARE, TYPE_SOFTWARE, names
 from pmu.events.symbols import list_functions, resolve_target
 
 
@@ -14,12 +16,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "list",
         help="list the functions of a file or library that can be probed",
         description="Print the function symbols defined in TARGET (.symtab and .dynsym), one per line, "
-        "sorted: every name printed can be probed with -e TARGET:NAME.",
-        usage="pmu list TARGET [PATTERN]",
+        "sorted: every name printed can be probed with -e TARGET:NAME. Without TARGET, the kernel's "
+        "counters pmu stat counts (-e task-clock,cycles), as perf list.",
+        usage="pmu list [TARGET [PATTERN]]",
     )
     p.add_argument(
         "target",
         metavar="TARGET",
+        nargs="?",
         help="path to an ELF file (contains '/') or a library short name (libc, libsqlite3, libz.so.1)",
     )
     p.add_argument(
@@ -32,11 +36,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
+def counters() -> list[str]:
+    """perf list's lines for the generic counters: `  NAME OR ALIAS   [Hardware event]`."""
+    lines = []
+    for kind, label in ((TYPE_HARDWARE, "Hardware event"), (TYPE_SOFTWARE, "Software event")):
+        for name in names(kind):
+            aliases = [a for a, (canonical, _, _) in NAMES.items() if canonical == name and a != name]
+            shown = " OR ".join([name, *aliases])
+            lines.append(f"  {shown:<50} [{label}]")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
-    path = resolve_target(args.target, exe=None, mapped=())
-    names = list_functions(path, args.pattern)
+    if args.target is None:
+        found = counters()
+    else:
+        path = resolve_target(args.target, exe=None, mapped=())
+        found = list_functions(path, args.pattern)
     try:
-        sys.stdout.write("".join(f"{name}\n" for name in names))
+        sys.stdout.write("".join(f"{name}\n" for name in found))
         sys.stdout.flush()
     except BrokenPipeError:  # `pmu list libc | head`: the reader is gone, which is not an error
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -111,12 +111,18 @@ def test_bare_file_name_hints_at_the_path(exe: str) -> None:
     )
 
 
-def test_missing_target_is_a_usage_error() -> None:
+def test_without_target_lists_the_counters_as_perf_list() -> None:
     result = pmu("list")
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    assert "TARGET" in result.stderr
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "  cpu-cycles OR cycles" + " " * 31 + "[Hardware event]" in lines
+    assert any(
+        line.startswith("  context-switches OR cs ") and line.endswith("[Software event]") for line in lines
+    )
+    # every name listed is one pmu stat takes
+    perf = subprocess.run(["perf", "list", "sw"], capture_output=True, text=True).stdout
+    for name in ("task-clock", "page-faults", "cpu-migrations", "major-faults", "minor-faults"):
+        assert name in result.stdout and name in perf
 
 
 def test_closed_pipe_is_not_an_error() -> None:
