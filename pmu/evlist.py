@@ -11,6 +11,7 @@ import contextlib
 import gc
 import os
 import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from pmu.hits import Hits
 from pmu.ring import MAX_ARGS, RECORDS_PER_PAGE
 from pmu.sched.scheduler import Scheduler
 from pmu.threadnames import ThreadNames
-from pmu.trace.launch import CpuTask, Untraced
+from pmu.trace.launch import CpuTask, PlainTask, Untraced
 from pmu.trace.maps import mapped_files, tgid_of
 from pmu.trace.tasks import AddressSpace, Task
 from pmu.trace.tracer import Tracer
@@ -443,6 +444,8 @@ class Evlist:
         self.only_tids = {pid: only for pid, only in targets.items() if only is not None}
         if not targets:
             raise UsageError("nothing to attach to")
+        if not self.traced:
+            return self._attach_untraced(targets, argv)
         start = time.monotonic()
         interrupted = False
 
@@ -490,6 +493,69 @@ class Evlist:
         return RunResult(
             status=0, elapsed_s=time.monotonic() - start, user_s=0.0, sys_s=0.0, interrupted=interrupted
         )
+
+    def _attach_untraced(self, targets: dict[int, set[int] | None], argv: Sequence[str]) -> RunResult:
+        """No event needs ptrace (the kernel engine, counters): count on the processes' threads with
+        the kernel's counters, which inherit to later threads and children, without ever stopping
+        them (a process a debugger traces can be counted so). Ends as the traced attach does."""
+        tasks: list[PlainTask] = []
+        for pid, only in targets.items():
+            threads = _threads_of(pid)
+            if not threads:
+                raise ProcessError(f"no process with pid {pid}")
+            if only is not None and (missing := only - set(threads)):
+                raise ProcessError(f"no thread {min(missing)} in process {pid}")
+            tasks += [
+                PlainTask(tid, pid, exec_pending=False) for tid in threads if only is None or tid in only
+            ]
+        exe: str | None = None
+        with contextlib.suppress(OSError):
+            exe = os.path.realpath(f"/proc/{tasks[0].pid}/exe")
+        mapped: list[str] = []
+        with contextlib.suppress(OSError), open(f"/proc/{tasks[0].pid}/maps") as f:
+            mapped = sorted({line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) > 5})
+        self._check(Target(exe=exe, mapped=[m for m in mapped if m.startswith("/")]))
+        interrupted = False
+        child: subprocess.Popen[bytes] | None = None
+
+        def on_stop(signum: int) -> None:
+            nonlocal interrupted
+            interrupted = True
+            if child is not None and child.returncode is None:
+                _terminate(child)
+
+        pidfds: list[int] = []
+        start = time.monotonic()
+        with stopping.listen(on_stop):
+            try:
+                for evsel in self.evsels:
+                    for task in tasks:
+                        evsel.events.append(self.sched.open(evsel.attr, task))
+                stopping.check()
+                for pid in targets:
+                    with contextlib.suppress(OSError):
+                        pidfds.append(os.pidfd_open(pid))
+                start = time.monotonic()
+                if argv:
+                    child = subprocess.Popen(list(argv), env=environ.for_commands())
+                with self._draining():
+                    live = list(pidfds)
+                    while not interrupted and live:
+                        if child is not None and child.poll() is not None:
+                            break
+                        self.drain()
+                        with contextlib.suppress(InterruptedError):
+                            ready, _, _ = select.select(live, [], [], self.drain_interval)
+                            live = [fd for fd in live if fd not in ready]
+                if child is not None and child.returncode is None and not interrupted:
+                    child.wait()  # the processes are gone, the command runs on: as the traced attach
+                end = time.monotonic()
+            finally:
+                for fd in pidfds:
+                    os.close(fd)
+                self.close()
+                self.drain(final=True)
+        return RunResult(status=0, elapsed_s=end - start, user_s=0.0, sys_s=0.0, interrupted=interrupted)
 
     def _check(self, target: Target) -> None:
         """Every event checked by its backend before anything runs (each bad event reported first)."""
@@ -731,6 +797,15 @@ def _check_exe(exe: str) -> None:
         head = f.read(4)
     if head != b"\x7fELF" and not head.startswith(b"#!"):
         raise FileError(f"not an ELF file: {exe}")
+
+
+def _threads_of(pid: int) -> list[int]:
+    """The threads of a process, leader first ([] if there is no such process)."""
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return []
+    return sorted(tids, key=lambda t: t != pid)
 
 
 def _tgid_of(tid: int) -> int:

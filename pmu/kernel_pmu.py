@@ -272,7 +272,8 @@ class KernelPmu(PmuBase):
         if event.attr in self._unsupported:
             return f"{self.name}: not supported on this machine"
         config = self._configs.get(event.attr)
-        return f"kernel {self.name} PMU (perf_event_open{', ' + config.how if config and config.how else ''})"
+        where = f", {config.how}" if config and config.how else ""
+        return f"the kernel's {self.name.removeprefix('kernel-')} PMU (perf_event_open{where})"
 
     def flush(self) -> None:
         for event, counter in list(self._counters.items()):
