@@ -68,6 +68,9 @@ class Target:
     """Files an attached process maps (library short names resolve against them first)."""
     system_wide: bool = False
     """The events count on CPUs (pmu stat -a), not on tasks."""
+    only_tids: dict[int, set[int]] = field(default_factory=dict)
+    """With -t: {pid: the only threads of it that count} (a backend whose probes count every thread of
+    a process, such as the uprobe PMU's trampolines, leaves the others' records out)."""
 
 
 class Pmu(Protocol):
@@ -177,13 +180,19 @@ class Pmu(Protocol):
         """How the event is served, for -v (one line)."""
         ...
 
-    def samples(self) -> list[Hits]:
-        """Sample records the backend's own rings took since the last call (a kernel counter's mmap
-        ring), for the recording's sink; [] for a backend whose records go to the ring of set_ring."""
+    def samples(self, final: bool = False) -> list[Hits]:
+        """Sample records the backend's own rings took since the last call (the uprobe PMU's rings in
+        traced processes, a kernel counter's mmap ring), for the recording's sink; [] for a backend
+        whose records all go to the ring of set_ring. final: no producer is left, take everything
+        (what flush drained last comes with it)."""
         ...
 
     def lost(self) -> dict[int, int]:
         """{event index: records its own rings lost} so far ({} for one that has no rings)."""
+        ...
+
+    def time_error_ns(self) -> int:
+        """The stated error of its records' times (a TSC calibration's), 0 for exact ones."""
         ...
 
     def supported(self, event: Event) -> bool:
@@ -241,11 +250,14 @@ class PmuBase:
     def describe(self, event: Event) -> str:
         return self.name
 
-    def samples(self) -> list[Hits]:
+    def samples(self, final: bool = False) -> list[Hits]:
         return []
 
     def lost(self) -> dict[int, int]:
         return {}
+
+    def time_error_ns(self) -> int:
+        return 0
 
     def supported(self, event: Event) -> bool:
         return True

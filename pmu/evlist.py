@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from pmu import environ, stopping
 from pmu.core import NEEDS_TRACER, Pmu, PmuEnv, Target, make_pmu
 from pmu.core import Task as AnyTask
@@ -30,27 +28,18 @@ from pmu.errors import FileError, ProcessError, UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Counts, Event
 from pmu.hits import Hits
-from pmu.ring import MAX_ARGS, RECORDS_PER_PAGE
+from pmu.ring import MAX_ARGS
 from pmu.sched.scheduler import Scheduler
-from pmu.threadnames import ThreadNames
 from pmu.trace.launch import CpuTask, PlainTask, Untraced
 from pmu.trace.maps import mapped_files, tgid_of
 from pmu.trace.tasks import AddressSpace, Task
 from pmu.trace.tracer import Tracer
-from pmu.tsc import Calibration, read_tsc
 
 if TYPE_CHECKING:
     from pmu.ring import Ring
 
-DRAIN_CHUNK = 8192
-"""Records taken from a trampoline ring at a time (their first lines, 512 KiB, stay in the cache while
-they are copied and converted)."""
-DRAIN_BUDGET = 16
-"""Chunks per drain call before the tracer gets to answer stops again."""
 MUX_INTERVAL = 0.004
 """Seconds between multiplexing rotations (perf's default perf_event_mux_interval_ms is 4)."""
-CALIBRATE_EVERY = 0.1
-"""Seconds between TSC calibration samples while recording (and one at the end)."""
 
 
 @dataclass(frozen=True)
@@ -112,21 +101,6 @@ class Evlist:
         self.ring: Ring | None = None
         self._sink: Callable[[Hits], None] | None = None
         self.drain_interval = 0.05
-        self.names = ThreadNames()
-        """Who wrote the records of recording trampolines (their thread field is an FS base)."""
-        self.clock: Calibration | None = None
-        """TSC -> CLOCK_MONOTONIC for those records; made when recording starts."""
-        self.only_tids: dict[int, set[int]] = {}
-        """With -t: {pid: the only threads of it whose records are kept} (trampolines record every thread)."""
-        self._vfork_parents: dict[int, tuple[Task, int]] = {}
-        self._calibrated = 0.0
-        self._lost_closed: dict[int, int] = {}
-        self._trampolines = False
-        """Some records came from trampolines (their times are calibrated TSC)."""
-        self._lost_closed_total = 0
-        self.nargs = 0
-        """Argument columns the records have."""
-        self._words = np.empty((0, 5), np.uint64)
         self._rotated = 0.0
 
     def record_into(
@@ -139,99 +113,24 @@ class Evlist:
             pmu.set_ring(ring, self.index_of)
         self._sink = sink
         self.drain_interval = interval
-        self.tracer.ring_shape = (ring.capacity // RECORDS_PER_PAGE, ring.nevents)
-        self.tracer.on_fs_base = self._fs_base_seen
-        self.clock = Calibration()
-        self.nargs = nargs
-        self._words = np.empty((DRAIN_CHUNK, 5 + nargs), np.uint64)  # reused: no page faults per chunk
-
-    @property
-    def rings(self) -> list[Ring]:
-        """Every open ring records go through: pmu's own (int3 probes) and those in traced processes."""
-        return ([self.ring] if self.ring is not None else []) + self.tracer.rings + self.tracer.retired
 
     def drain(self, final: bool = False) -> None:
-        """Move what the rings hold to the sink (final: no producer is left, take everything).
-
-        pmu's own ring goes first, whole. Records of trampolines then get their TSC converted to
-        CLOCK_MONOTONIC ns and their FS base to a TID, DRAIN_CHUNK at a time and only the words the file
-        needs (ring.take); a drain stops after DRAIN_BUDGET chunks a ring (and asks the tracer to call
-        again soon) so that the tracer keeps answering stops while a busy ring empties. The file holds
-        the records in the order the rings gave them."""
+        """Move what the rings hold to the sink (final: no producer is left, take everything): the
+        evlist's own ring (the one set_ring gave the backends) whole, then what each backend's own rings
+        hold (Pmu.samples: the uprobe PMU's tracee rings, the kernel counters' mmap rings)."""
         if self._sink is None:
             return
         if self.ring is not None:
             records = self.ring.drain(final=final)
             if len(records):
                 self._sink(Hits.of_records(records, MAX_ARGS))
-        for pmu in self.pmus.values():  # backends with rings of their own (kernel counters' mmap rings)
-            for hits in pmu.samples():
+        for pmu in self.pmus.values():
+            for hits in pmu.samples(final):
                 self._sink(hits)
-        if self.clock is None or not (self.tracer.rings or self.tracer.retired):
-            return
-        self._trampolines = True
-        now = time.monotonic()
-        if final or now - self._calibrated >= CALIBRATE_EVERY:
-            self.clock.add()
-            self._calibrated = now
-        self._close_retired()
-        for _ in range(1 if final else DRAIN_BUDGET):
-            full = False
-            for ring in self.tracer.rings:
-                full = self._drain_ring(ring, final) or full
-            if not full:
-                return
-        self.tracer.tick_due = True  # more is waiting: come back once stops are answered
-
-    def _named_words(self, words: np.ndarray) -> Hits:
-        """Trampoline records given as their first words (ring.take), as hits."""
-        halves = words.view(np.int32)  # word 3 is pid (low half) and event (high half)
-        args = tuple(words[:, 5 + i] for i in range(self.nargs))
-        return self._hits(
-            words[:, 1].view(np.int64), halves[:, 6], words[:, 2], halves[:, 7], words[:, 4], args
-        )
-
-    def _named(self, records: np.ndarray) -> Hits:
-        """Whole trampoline records (Ring.drain), as hits."""
-        args = tuple(records["args"][:, i] for i in range(self.nargs))
-        return self._hits(
-            records["time"], records["pid"], records["thread"], records["event"], records["ip"], args
-        )
-
-    def _hits(
-        self,
-        tsc: np.ndarray,
-        key_pid: np.ndarray,
-        fs_base: np.ndarray,
-        event: np.ndarray,
-        ip: np.ndarray,
-        args: tuple[np.ndarray, ...],
-    ) -> Hits:
-        """Columns of trampoline records as hits: time in CLOCK_MONOTONIC ns, thread a TID, and without
-        the threads -t leaves out."""
-        assert self.clock is not None
-        pid, tid = self.names.columns(key_pid, fs_base, tsc)
-        hits = Hits(self.clock.to_ns(tsc), pid, tid, event, ip, args)
-        for p, tids in self.only_tids.items():
-            other = (hits.pid == p) & ~np.isin(hits.tid, list(tids))
-            if other.any():
-                keep = ~other
-                hits = Hits(
-                    hits.time[keep],
-                    hits.pid[keep],
-                    hits.tid[keep],
-                    hits.event[keep],
-                    hits.ip[keep],
-                    tuple(a[keep] for a in hits.args),
-                )
-        return hits
 
     def lost_per_event(self) -> dict[int, int]:
         """{event index: records lost because a ring was full}, over every ring (closed ones too)."""
-        out = dict(self._lost_closed)
-        for ring in self.rings:
-            for e, n in ring.lost_per_event().items():
-                out[e] = out.get(e, 0) + n
+        out = self.ring.lost_per_event() if self.ring is not None else {}
         for pmu in self.pmus.values():
             for e, n in pmu.lost().items():
                 out[e] = out.get(e, 0) + n
@@ -239,48 +138,18 @@ class Evlist:
 
     @property
     def lost_total(self) -> int:
-        own = sum(n for pmu in self.pmus.values() for n in pmu.lost().values())
-        return self._lost_closed_total + own + sum(ring.lost_total for ring in self.rings)
-
-    def _drain_ring(self, ring: Ring, final: bool) -> bool:
-        """One chunk of a trampoline ring to the sink (final: all of it, abandoned records skipped);
-        True if the chunk came full (more is likely waiting)."""
-        sink = self._sink
-        assert sink is not None
-        while True:
-            words = ring.take(DRAIN_CHUNK, 5 + self.nargs, self._words)
-            if len(words):
-                sink(self._named_words(words))
-            if len(words) < DRAIN_CHUNK or not final:
-                break
-        if final and len(records := ring.drain(final=True)):  # after an abandoned record
-            sink(self._named(records))
-        return len(words) == DRAIN_CHUNK
-
-    def _close_retired(self) -> None:
-        """Drain the rings no process maps any more to the end, keep their lost counts, close them."""
-        while self.tracer.retired:
-            ring = self.tracer.retired[0]
-            self._drain_ring(ring, final=True)
-            for e, n in ring.lost_per_event().items():
-                self._lost_closed[e] = self._lost_closed.get(e, 0) + n
-            self._lost_closed_total += ring.lost_total
-            self.tracer.retired.pop(0)
-            ring.close()
+        own = self.ring.lost_total if self.ring is not None else 0
+        return own + sum(n for pmu in self.pmus.values() for n in pmu.lost().values())
 
     def clock_error_ns(self) -> int:
-        """The stated error of time_ns: the TSC calibration's if trampolines recorded, else 0 (int3 probes
-        read CLOCK_MONOTONIC themselves)."""
-        return self.clock.error_ns() if self.clock is not None and self._trampolines else 0
+        """The stated error of time_ns: the largest a backend states (the uprobe PMU's TSC calibration,
+        if trampolines recorded; 0 for times read from CLOCK_MONOTONIC itself)."""
+        return max((pmu.time_error_ns() for pmu in self.pmus.values()), default=0)
 
     def close_rings(self) -> None:
-        """Unmap every ring (after the final drain)."""
-        for ring in self.rings:
-            ring.close()
-
-    def _fs_base_seen(self, task: Task) -> None:
-        if self.clock is not None:
-            self.names.note(task.pid, task.fs_base, read_tsc(), task.pid, task.tid)
+        """Unmap the evlist's ring (after the final drain; the backends closed theirs at flush)."""
+        if self.ring is not None:
+            self.ring.close()
 
     @contextlib.contextmanager
     def _ticking(self) -> Iterator[None]:
@@ -339,10 +208,6 @@ class Evlist:
             if task.mm is parent.mm:  # vfork: the child borrows the parent's memory until exec
                 for pmu in self.pmus.values():
                     pmu.task_vforked(parent, task)
-                if self.clock is not None:  # and its thread: records on it are the child's meanwhile
-                    fs = self.tracer.fs_base(parent)
-                    self._vfork_parents[task.tid] = (parent, fs)
-                    self.names.note(parent.pid, fs, read_tsc(), task.pid, task.tid)
             self.sched.task_fork(parent, task)
         else:
             self.sched.task_clone(parent, task)
@@ -350,10 +215,6 @@ class Evlist:
     def _vfork_done(self, task: Task) -> None:
         for pmu in self.pmus.values():
             pmu.task_vfork_done(task)
-        found = self._vfork_parents.pop(task.tid, None)
-        if found is not None:
-            parent, fs = found
-            self.names.note(parent.pid, fs, read_tsc(), parent.pid, parent.tid)
 
     def task_exec(self, task: Task, former_tid: int) -> None:
         self._vfork_done(task)
@@ -381,7 +242,7 @@ class Evlist:
 
     # ---- running --------------------------------------------------------------------------------
 
-    def run_command(self, argv: Sequence[str]) -> RunResult:
+    def _run_command(self, argv: Sequence[str]) -> RunResult:
         """Launch argv with every event disabled and enable_on_exec, count until it exits."""
         stopping.check()
         exe = resolve_command(argv)
@@ -426,7 +287,7 @@ class Evlist:
             sys_s=after.ru_stime - before.ru_stime,
         )
 
-    def run_attached(
+    def _run_attached(
         self, pids: Sequence[int], tids: Sequence[int] = (), argv: Sequence[str] = ()
     ) -> RunResult:
         """Count on running processes (every thread) or single threads, for as long as `argv` runs,
@@ -441,7 +302,7 @@ class Evlist:
             only = targets.setdefault(pid, set())
             if only is not None:
                 only.add(tid)
-        self.only_tids = {pid: only for pid, only in targets.items() if only is not None}
+        only_tids = {pid: only for pid, only in targets.items() if only is not None}
         if not targets:
             raise UsageError("nothing to attach to")
         if not self.traced:
@@ -471,7 +332,7 @@ class Evlist:
                     if only is not None and (missing := only - {t.tid for t in tasks}):
                         raise ProcessError(f"no thread {min(missing)} in process {pid}")
                     stopping.check()
-                    self._open_on([t for t in tasks if only is None or t.tid in only])
+                    self._open_on([t for t in tasks if only is None or t.tid in only], only_tids)
                 stopping.check()  # the run starts: from now on a stop ends it, counts printed
                 for pid in targets:
                     self.tracer.start(self.tracer.tasks[pid])
@@ -557,13 +418,44 @@ class Evlist:
                 self.drain(final=True)
         return RunResult(status=0, elapsed_s=end - start, user_s=0.0, sys_s=0.0, interrupted=interrupted)
 
+    def run_command(self, argv: Sequence[str]) -> RunResult:
+        """Launch argv with every event disabled and enable_on_exec, count until it exits."""
+        with self._released():
+            return self._run_command(argv)
+
+    def run_attached(
+        self, pids: Sequence[int], tids: Sequence[int] = (), argv: Sequence[str] = ()
+    ) -> RunResult:
+        """Count on running processes (every thread) or single threads, for as long as `argv` runs,
+        or until SIGINT/SIGTERM/SIGHUP or the processes exit; then leave them exactly as they were."""
+        with self._released():
+            return self._run_attached(pids, tids, argv)
+
+    def run_system_wide(self, cpus: Sequence[int], argv: Sequence[str] = ()) -> RunResult:
+        """Count on every CPU in `cpus` (pmu stat -a / -C), for as long as `argv` runs (untraced), or
+        until SIGINT/SIGTERM/SIGHUP when there is no command."""
+        with self._released():
+            return self._run_system_wide(cpus, argv)
+
+    @contextlib.contextmanager
+    def _released(self) -> Iterator[None]:
+        """A run that fails anywhere (a bad event, a command that cannot start) still has every backend
+        let go of what it made (a tracefs probe, descriptors); flush is safe to call twice."""
+        try:
+            yield
+        except BaseException:
+            for pmu in self.pmus.values():
+                with contextlib.suppress(Exception):
+                    pmu.flush()
+            raise
+
     def _check(self, target: Target) -> None:
         """Every event checked by its backend before anything runs (each bad event reported first)."""
         for evsel in self.evsels:
             self.pmus[evsel.attr.pmu].event_check(evsel.attr, target)
             stopping.check()
 
-    def _open_on(self, tasks: Sequence[Task]) -> None:
+    def _open_on(self, tasks: Sequence[Task], only_tids: dict[int, set[int]]) -> None:
         mapped: list[str] = []
         exe: str | None = None
         with contextlib.suppress(OSError):
@@ -571,7 +463,7 @@ class Evlist:
         if tasks:
             with contextlib.suppress(OSError):
                 exe = os.path.realpath(f"/proc/{tasks[0].pid}/exe")
-        self._check(Target(exe=exe, mapped=mapped))
+        self._check(Target(exe=exe, mapped=mapped, only_tids=only_tids))
         for evsel in self.evsels:
             for task in tasks:
                 evsel.events.append(self.sched.open(evsel.attr, task))
@@ -607,11 +499,19 @@ class Evlist:
                 running = True
                 start = time.monotonic()  # perf stat's elapsed time starts as the command is let go
                 cmd.release()
-                status = cmd.wait()
+                if self._sink is None:
+                    status = cmd.wait()
+                else:  # recording: the kernel's rings are drained while the command runs
+                    with self._draining():
+                        while (done := cmd.poll()) is None:
+                            self.drain()
+                            signal.pause()  # woken by the drain timer or SIGCHLD
+                    status = done
                 end = time.monotonic()
                 self.sched.task_exit(cmd.task)
             finally:
                 self.close()
+                self.drain(final=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         return RunResult(
             status=_shell_status(status),
@@ -620,7 +520,7 @@ class Evlist:
             sys_s=after.ru_stime - before.ru_stime,
         )
 
-    def run_system_wide(self, cpus: Sequence[int], argv: Sequence[str] = ()) -> RunResult:
+    def _run_system_wide(self, cpus: Sequence[int], argv: Sequence[str] = ()) -> RunResult:
         """Count on every CPU in `cpus` (pmu stat -a / -C), for as long as `argv` runs (untraced), or
         until SIGINT/SIGTERM/SIGHUP when there is no command."""
         stopping.check()

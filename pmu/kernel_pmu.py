@@ -69,6 +69,12 @@ class _Counter:
     """The mmap ring of a sampling event."""
     index: int = 0
     """The event's index in records."""
+    more: list[_Counter] = field(default_factory=list)
+    """A recorded task event that inherits is one descriptor per CPU (the kernel maps no ring of an
+    inheriting per-task descriptor, as perf record knows): the others, read and closed with it."""
+
+    def all(self) -> list[_Counter]:
+        return [self, *self.more]
 
 
 @dataclass
@@ -133,7 +139,7 @@ class KernelPmu(PmuBase):
                 return True  # not supported, gone, or counted in the user-opened event's descriptor
             self._open_for(event, 0 if flags & EF_START else pe.DISABLED)  # a thread of its own
         elif flags & EF_START and not getattr(event.task, "exec_pending", False):
-            pe.ioctl(counter.fd, pe.IOC_ENABLE)  # (before its exec the kernel enables it at the exec)
+            self._ioctl(counter, pe.IOC_ENABLE)  # (before its exec the kernel enables it at the exec)
         return True
 
     def _open_for(self, event: Event, bits: int) -> None:
@@ -147,28 +153,35 @@ class KernelPmu(PmuBase):
             bits |= pe.INHERIT
         if getattr(task, "exec_pending", False) and attr.enable_on_exec:
             bits |= pe.DISABLED | pe.ENABLE_ON_EXEC
+        sampled = bool(attr.sample_period and self.recording)
+        cpus = [-1] if cpu is not None or not (sampled and attr.inherit) else pe.online_cpus()
+        opened: list[_Counter] = []
         try:
-            fd = self._open(
-                attr,
-                event.pmu_private,
-                pid=-1 if cpu is not None else task.tid,
-                cpu=cpu if cpu is not None else -1,
-                flags=bits,
-            )
+            for on in cpus:
+                fd = self._open(
+                    attr,
+                    event.pmu_private,
+                    pid=-1 if cpu is not None else task.tid,
+                    cpu=cpu if cpu is not None else on,
+                    flags=bits,
+                )
+                opened.append(_Counter(fd, index=self.index_of.get(attr, 0)))
+                if sampled:
+                    opened[-1].ring = pe.SampleRing(fd, self.pages)
         except OSError as err:
+            for c in opened:
+                if c.ring is not None:
+                    c.ring.close()
+                os.close(c.fd)
             if err.errno == errno.ESRCH:
                 return  # the task is gone already: it counts nothing
             if err.errno in pe.NOT_SUPPORTED_ERRNOS:
                 self._unsupported.add(attr)
                 return
             raise self._error(attr, err, cpu is not None) from None
-        counter = _Counter(fd, index=self.index_of.get(attr, 0))
+        counter = opened[0]
+        counter.more = opened[1:]
         self._counters[event] = counter
-        if attr.sample_period and self.recording and (event.parent is None or not attr.inherit):
-            try:
-                counter.ring = pe.SampleRing(fd, self.pages)
-            except OSError as err:
-                raise KernelEventError(f"{attr.name}: cannot map its ring: {err.strerror}") from None
 
     def remove(self, event: Event, flags: int) -> None:
         counter = self._counters.get(event)
@@ -178,17 +191,17 @@ class KernelPmu(PmuBase):
         if flags & EF_EXIT:
             counter.exiting = True
         else:
-            pe.ioctl(counter.fd, pe.IOC_DISABLE)
+            self._ioctl(counter, pe.IOC_DISABLE)
 
     def start(self, event: Event, flags: int) -> None:
         counter = self._counters.get(event)
         if counter is not None:
-            pe.ioctl(counter.fd, pe.IOC_ENABLE)
+            self._ioctl(counter, pe.IOC_ENABLE)
 
     def stop(self, event: Event, flags: int) -> None:
         counter = self._counters.get(event)
         if counter is not None:
-            pe.ioctl(counter.fd, pe.IOC_DISABLE)
+            self._ioctl(counter, pe.IOC_DISABLE)
             if flags & EF_UPDATE:
                 self._update(event, counter)
 
@@ -203,13 +216,14 @@ class KernelPmu(PmuBase):
         self.pages = max(1, ring.capacity // RECORDS_PER_PAGE)
         self.recording = True
 
-    def samples(self) -> list[Hits]:
+    def samples(self, final: bool = False) -> list[Hits]:
         out, self._pending = self._pending, []
-        for counter in self._counters.values():
-            if counter.ring is not None:
-                hits = self._decode(counter, counter.ring.take())
-                if hits is not None:
-                    out.append(hits)
+        for first in self._counters.values():
+            for counter in first.all():
+                if counter.ring is not None:
+                    hits = self._decode(counter, counter.ring.take())
+                    if hits is not None:
+                        out.append(hits)
         return out
 
     def lost(self) -> dict[int, int]:
@@ -276,27 +290,33 @@ class KernelPmu(PmuBase):
         return f"the kernel's {self.name.removeprefix('kernel-')} PMU (perf_event_open{where})"
 
     def flush(self) -> None:
-        for event, counter in list(self._counters.items()):
-            if counter.exiting:
-                self._update(event, counter)
-            if counter.ring is not None:
-                hits = self._decode(counter, counter.ring.take())
-                if hits is not None:
-                    self._pending.append(hits)  # the last records, for the final drain
-                counter.ring.close()
-            os.close(counter.fd)
+        for event, first in list(self._counters.items()):
+            if first.exiting:
+                self._update(event, first)
+            for counter in first.all():
+                if counter.ring is not None:
+                    hits = self._decode(counter, counter.ring.take())
+                    if hits is not None:
+                        self._pending.append(hits)  # the last records, for the final drain
+                    counter.ring.close()
+                os.close(counter.fd)
         self._counters.clear()
 
     # ---- internals --------------------------------------------------------------------------------
 
     def _update(self, event: Event, counter: _Counter) -> None:
         try:
-            reading = pe.read_counter(counter.fd)
+            readings = [pe.read_counter(c.fd) for c in counter.all()]
         except OSError:
             return
-        event.count = reading.value  # the output scales it by the times, as perf does
-        event.time_enabled = reading.enabled
-        event.time_running = reading.running
+        event.count = sum(r.value for r in readings)  # the output scales it by the times, as perf does
+        event.time_enabled = max(r.enabled for r in readings)
+        event.time_running = max(r.running for r in readings)
+
+    @staticmethod
+    def _ioctl(counter: _Counter, request: int) -> None:
+        for c in counter.all():
+            pe.ioctl(c.fd, request)
 
     def _open(self, attr: EventAttr, config: _Config, pid: int, cpu: int, flags: int) -> int:
         a = pe.Attr()
@@ -362,6 +382,12 @@ class KernelUprobePmu(KernelPmu):
 
     name: str = "kernel-uprobe"
     exe: str | None = None
+    traced: pe.TraceUprobes = field(default_factory=pe.TraceUprobes)
+
+    def flush(self) -> None:
+        """Descriptors closed first, then the tracefs probes deleted (the kernel refuses while in use)."""
+        super().flush()
+        self.traced.remove()
 
     def _config(self, attr: EventAttr, target: Target) -> _Config:
         spec = attr.probe
@@ -371,8 +397,27 @@ class KernelUprobePmu(KernelPmu):
         exe = target.exe or self.exe
         path = resolve_target(spec.target, exe, target.mapped)
         probe = resolve_probe(spec, path)
+        ret = spec.kind is ProbeKind.URETPROBE
+        if attr.inherit and not target.system_wide:
+            # Inherited to children: a tracefs probe (see pe.TraceUprobes), as perf probe makes.
+            if not pe.TraceUprobes.available():
+                raise KernelEventError(
+                    f"{attr.name}: the kernel engine follows children through tracefs, which is not"
+                    f" mounted at {pe.TRACEFS} (mount -t tracefs nodev {pe.TRACEFS}, or use -i)"
+                )
+            try:
+                point = self.traced.add(probe.path, probe.file_offset, ret)
+            except OSError as err:
+                raise KernelEventError(
+                    f"{attr.name}: cannot define the probe in tracefs: {err.strerror}"
+                ) from None
+            return _Config(
+                type=pe.TYPE_TRACEPOINT,
+                config=point,
+                how=f"{probe.path}:{probe.file_offset:#x}, tracefs {self.traced.group}",
+            )
         config = 0
-        if spec.kind is ProbeKind.URETPROBE:
+        if ret:
             bit = pe.format_bit("uprobe", "retprobe")
             if bit is None:
                 raise KernelEventError(f"{attr.name}: this kernel's uprobe PMU has no retprobe")

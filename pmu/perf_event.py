@@ -7,6 +7,7 @@ accepts for the fields used here (the kernel zero-checks whatever it does not kn
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -52,6 +53,8 @@ IOC_RESET = 0x2403
 FLAG_FD_CLOEXEC = 1 << 3
 
 DEVICES = Path("/sys/bus/event_source/devices")
+TRACEFS = Path("/sys/kernel/tracing")
+TYPE_TRACEPOINT = 2
 
 
 class Attr(ctypes.Structure):
@@ -225,3 +228,65 @@ class SampleRing:
 
     def close(self) -> None:
         self.map.close()
+
+
+class TraceUprobes:
+    """Uprobes defined through tracefs (`uprobe_events`), as perf probe makes them: a tracepoint event
+    opened with perf_event_open inherits to forked children, which the dynamic `uprobe` PMU cannot do
+    for a task (the kernel re-reads its config1 path pointer in the forking task, whose memory does not
+    have it, and the fork fails with EFAULT). Every probe is in group pmu_PID (PID: pmu's); remove()
+    deletes them, and groups left by a pmu that died are deleted by the next one."""
+
+    def __init__(self) -> None:
+        self.group = f"pmu_{os.getpid()}"
+        self.names: list[str] = []
+
+    @staticmethod
+    def available() -> bool:
+        """tracefs is there (mounting it if it is not, as perf probe needs, where pmu may)."""
+        if (TRACEFS / "uprobe_events").exists():
+            return True
+        import subprocess
+
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], capture_output=True)
+        return (TRACEFS / "uprobe_events").exists()
+
+    def add(self, path: str, offset: int, ret: bool) -> int:
+        """Define a probe; its tracepoint id."""
+        if not self.names:
+            self._sweep()
+        name = f"e{len(self.names)}"
+        self._write(f"{'r' if ret else 'p'}:{self.group}/{name} {path}:{offset:#x}\n")
+        self.names.append(name)
+        return int((TRACEFS / "events" / self.group / name / "id").read_text())
+
+    def remove(self) -> None:
+        """Delete every probe this pmu defined (after their descriptors are closed)."""
+        for name in self.names:
+            with contextlib.suppress(OSError):
+                self._write(f"-:{self.group}/{name}\n")
+        self.names.clear()
+
+    @staticmethod
+    def _write(line: str) -> None:
+        # os.write, not open(..., "a"): Python's append mode seeks, which tracefs refuses (EINVAL).
+        fd = os.open(TRACEFS / "uprobe_events", os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _sweep() -> None:
+        """Delete the probes of pmu processes that are gone."""
+        try:
+            lines = (TRACEFS / "uprobe_events").read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            head = line.split(None, 1)[0] if line.strip() else ""
+            group, _, name = head[2:].partition("/")
+            pid = group.removeprefix("pmu_")
+            if group.startswith("pmu_") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                with contextlib.suppress(OSError):
+                    TraceUprobes._write(f"-:{group}/{name}\n")

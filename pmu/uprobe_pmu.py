@@ -30,8 +30,10 @@ from pmu.trace.relocate import build_slot
 from pmu.trace.tasks import AddressSpace, CounterArea, JumpPatch, ReturnFrame, TaskState
 from pmu.trace.tasks import Task as TraceTask
 from pmu.trace.tracer import Tracer
+from pmu.uprobe_records import TrampolineRecords
 
 if TYPE_CHECKING:
+    from pmu.hits import Hits
     from pmu.ring import Ring
 
 RECORD_RETURN = 1
@@ -107,6 +109,9 @@ class UprobePmu(PmuBase):
         self._sites: dict[tuple[AddressSpace, ResolvedProbe, bool], _Site] = {}
         self._placed: dict[Event, tuple[_Site, _Entry]] = {}
         self.ring: Ring | None = None
+        self.records: TrampolineRecords | None = None
+        """The tracee rings of a recording run (set_ring)."""
+        self._only_tids: dict[int, set[int]] = {}
         """Where sample records go (pmu record); None when only counting."""
         self.index_of: dict[EventAttr, int] = {}
         """Each attr's index in ring records, set by the evlist."""
@@ -129,11 +134,31 @@ class UprobePmu(PmuBase):
         """Resolve the probe before anything runs (against the launched or attached program)."""
         if target.exe and not self.exe:
             self.exe = target.exe
+        self._only_tids.update(target.only_tids)
         self.resolve(attr.probe, target.mapped)
 
     def set_ring(self, ring: Ring, index_of: dict[EventAttr, int]) -> None:
+        """int3 hits are recorded into `ring`; jump patches record into rings in the traced processes,
+        which `records` drains."""
         self.ring = ring
         self.index_of = dict(index_of)
+        nargs = max((a.sample_args for a in index_of), default=0)
+        self.records = TrampolineRecords(self.tracer, ring, nargs)
+        self.records.only_tids = self._only_tids
+
+    def samples(self, final: bool = False) -> list[Hits]:
+        return self.records.take(final) if self.records is not None else []
+
+    def lost(self) -> dict[int, int]:
+        return self.records.lost_per_event() if self.records is not None else {}
+
+    def time_error_ns(self) -> int:
+        return self.records.clock_error_ns() if self.records is not None else 0
+
+    def flush(self) -> None:
+        """The run is over: the tracee rings are drained to the end and closed."""
+        if self.records is not None:
+            self.records.close()
 
     def event_init(self, event: Event) -> None:
         mapped: list[str] = []
@@ -354,6 +379,8 @@ class UprobePmu(PmuBase):
         """A vfork child runs in its parent's memory, with the parent's TLS, until it execs or exits: its
         jump-patch hits land in the parent thread's row. Remember the row as it is now."""
         assert isinstance(parent, TraceTask)
+        if self.records is not None:
+            self.records.vforked(parent, child)
         area = parent.mm.counters
         if area is None:
             return
@@ -363,6 +390,8 @@ class UprobePmu(PmuBase):
     def task_vfork_done(self, child: Task) -> None:
         """The vfork child leaves its parent's memory: what the parent's row gained meanwhile is the
         child's (the parent was suspended), so it goes to the child's events, not the parent's."""
+        if self.records is not None:
+            self.records.vfork_done(child)
         found = self._vforks.pop(child.tid, None)
         if found is None:
             return

@@ -76,6 +76,8 @@ def system_wide_cpus(args: argparse.Namespace) -> list[int] | None:
     """The CPUs of a system-wide run (-a: every online one; -C: those), None when not system-wide."""
     from pmu import perf_event
 
+    if getattr(args, "cpu", None) == "":
+        raise UsageError("bad -C list '': expected CPU numbers and ranges (0,2-3)")
     if not (getattr(args, "all_cpus", False) or getattr(args, "cpu", None)):
         return None
     online = perf_event.online_cpus()

@@ -60,7 +60,10 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
     system_wide = system_wide_cpus(args) is not None
     if not args.event and not (command(args) or args.pid or args.tid or system_wide):
         raise UsageError("no events given: use -e EVENT (for example -e uprobe:./prog:main)")
-    specs = parse_event_list(args.event or [",".join(DEFAULT_SET)])
+    default = DEFAULT_SET
+    if system_wide:  # perf 6.1 counts cpu-clock, not task-clock, system-wide
+        default = ("cpu-clock", *DEFAULT_SET[1:])
+    specs = parse_event_list(args.event or [",".join(default)])
     at_exec = launched(args) and not system_wide
     used = engine(args)
     return [
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         target=target,
         per_thread=args.per_thread or args.per_process,
         system_wide=cpus is not None,
+        cpu_list=args.cpu,
     )
     numbers = _numbers()
     if args.output:

@@ -91,6 +91,8 @@ class StatReport:
     """One line per event and thread, each led by its COMM-TID, as `perf stat --per-thread`."""
     system_wide: bool = False
     """A system-wide run (-a/-C): the header says 'system wide' and no user/sys times follow."""
+    cpu_list: str | None = None
+    """-C's list as given: the header says 'CPU(s) LIST' instead, as perf's."""
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ def format_text(report: StatReport, numbers: NumberFormat | None = None) -> str:
     numbers = NumberFormat.from_locale() if numbers is None else numbers
     what = report.target if report.target is not None else "'" + " ".join(report.command) + "'"
     if report.system_wide:
-        what = "'system wide'"
+        what = f"'CPU(s) {report.cpu_list}'" if report.cpu_list else "'system wide'"
     out = [f"\n Performance counter stats for {what}:\n\n"]
     out.extend(_text_line(line, report.per_thread, numbers) + "\n" for line in _ordered(report))
     out.append(f"\n {numbers.fixed(report.elapsed_s, 9):>17} seconds time elapsed")

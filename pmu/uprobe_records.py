@@ -1,0 +1,194 @@
+"""The records jump-optimized probes write into rings in the traced processes, turned into hits: part of
+the uprobe PMU (pmu/uprobe_pmu.py), which the evlist reaches only through Pmu.samples/lost/flush.
+
+A trampoline's record holds the raw `rdtsc` and the thread's FS base; here the TSC becomes CLOCK_MONOTONIC
+ns (a calibration sampled while recording) and the FS base a TID (ThreadNames, fed from every FS base the
+tracer sees a thread have, and from vfork). Rings are drained DRAIN_CHUNK records at a time, at most
+DRAIN_BUDGET chunks a ring per call (the tracer is asked to call again soon), so that the tracer keeps
+answering stops while a busy ring empties.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pmu.core import Task as AnyTask
+from pmu.hits import Hits
+from pmu.ring import RECORDS_PER_PAGE, Ring
+from pmu.threadnames import ThreadNames
+from pmu.trace.tasks import Task
+from pmu.trace.tracer import Tracer
+from pmu.tsc import Calibration, read_tsc
+
+DRAIN_CHUNK = 8192
+"""Records taken from a trampoline ring at a time (their first lines, 512 KiB, stay in the cache while
+they are copied and converted)."""
+DRAIN_BUDGET = 16
+"""Chunks per drain call before the tracer gets to answer stops again."""
+CALIBRATE_EVERY = 0.1
+"""Seconds between TSC calibration samples while recording (and one at the end)."""
+
+
+class TrampolineRecords:
+    """The tracee rings of one recording run, drained into hits."""
+
+    def __init__(self, tracer: Tracer, ring: Ring, nargs: int) -> None:
+        self.tracer = tracer
+        tracer.ring_shape = (ring.capacity // RECORDS_PER_PAGE, ring.nevents)
+        tracer.on_fs_base = self._fs_base_seen
+        self.names = ThreadNames()
+        """Who wrote the records (their thread field is an FS base)."""
+        self.clock = Calibration()
+        """TSC -> CLOCK_MONOTONIC for them."""
+        self.nargs = nargs
+        """Argument columns the records have."""
+        self.only_tids: dict[int, set[int]] = {}
+        """With -t: {pid: the only threads of it whose records are kept} (trampolines record every thread)."""
+        self._words = np.empty((DRAIN_CHUNK, 5 + nargs), np.uint64)  # reused: no page faults per chunk
+        self._vfork_parents: dict[int, tuple[Task, int]] = {}
+        self._calibrated = 0.0
+        self._lost_closed: dict[int, int] = {}
+        self._lost_closed_total = 0
+        self._used = False
+        """Some records came from trampolines (their times are calibrated TSC)."""
+        self._out: list[Hits] = []
+
+    # ---- draining ---------------------------------------------------------------------------------
+
+    def take(self, final: bool = False) -> list[Hits]:
+        """What the rings hold, as hits (final: no producer is left, take everything)."""
+        out, self._out = self._out, []
+        tracer = self.tracer
+        if not (tracer.rings or tracer.retired):
+            return out
+        self._used = True
+        now = time.monotonic()
+        if final or now - self._calibrated >= CALIBRATE_EVERY:
+            self.clock.add()
+            self._calibrated = now
+        self._close_retired()
+        for _ in range(1 if final else DRAIN_BUDGET):
+            full = False
+            for ring in tracer.rings:
+                full = self._drain_ring(ring, final) or full
+            if not full:
+                break
+        else:
+            tracer.tick_due = True  # more is waiting: come back once stops are answered
+        out += self._out
+        self._out = []
+        return out
+
+    def close(self) -> None:
+        """The run is over: everything left drained (kept for the next take), every ring closed."""
+        self._out = self.take(final=True)
+        tracer = self.tracer
+        for ring in tracer.rings:
+            self._lost(ring)
+            ring.close()
+        tracer.rings.clear()
+
+    def _drain_ring(self, ring: Ring, final: bool) -> bool:
+        """One chunk of a ring (final: all of it, abandoned records skipped); True if the chunk came
+        full (more is likely waiting)."""
+        while True:
+            words = ring.take(DRAIN_CHUNK, 5 + self.nargs, self._words)
+            if len(words):
+                self._out.append(self._named_words(words))
+            if len(words) < DRAIN_CHUNK or not final:
+                break
+        if final and len(records := ring.drain(final=True)):  # after an abandoned record
+            self._out.append(self._named(records))
+        return len(words) == DRAIN_CHUNK
+
+    def _close_retired(self) -> None:
+        """Drain the rings no process maps any more to the end, keep their lost counts, close them."""
+        retired = self.tracer.retired
+        while retired:
+            ring = retired[0]
+            self._drain_ring(ring, final=True)
+            self._lost(ring)
+            retired.pop(0)
+            ring.close()
+
+    def _lost(self, ring: Ring) -> None:
+        for e, n in ring.lost_per_event().items():
+            self._lost_closed[e] = self._lost_closed.get(e, 0) + n
+        self._lost_closed_total += ring.lost_total
+
+    # ---- accounting -------------------------------------------------------------------------------
+
+    def lost_per_event(self) -> dict[int, int]:
+        """{event index: records lost because a ring was full}, over every ring (closed ones too)."""
+        out = dict(self._lost_closed)
+        for ring in self.tracer.rings + self.tracer.retired:
+            for e, n in ring.lost_per_event().items():
+                out[e] = out.get(e, 0) + n
+        return out
+
+    def clock_error_ns(self) -> int:
+        """The stated error of the records' times: the calibration's, if trampolines recorded."""
+        return self.clock.error_ns() if self._used else 0
+
+    # ---- naming threads ---------------------------------------------------------------------------
+
+    def _fs_base_seen(self, task: Task) -> None:
+        self.names.note(task.pid, task.fs_base, read_tsc(), task.pid, task.tid)
+
+    def vforked(self, parent: Task, child: AnyTask) -> None:
+        """The vfork child runs on its parent's thread (and TLS): records on it are the child's meanwhile."""
+        fs = self.tracer.fs_base(parent)
+        self._vfork_parents[child.tid] = (parent, fs)
+        self.names.note(parent.pid, fs, read_tsc(), child.pid, child.tid)
+
+    def vfork_done(self, child: AnyTask) -> None:
+        found = self._vfork_parents.pop(child.tid, None)
+        if found is not None:
+            parent, fs = found
+            self.names.note(parent.pid, fs, read_tsc(), parent.pid, parent.tid)
+
+    # ---- records as hits --------------------------------------------------------------------------
+
+    def _named_words(self, words: np.ndarray) -> Hits:
+        """Records given as their first words (ring.take), as hits."""
+        halves = words.view(np.int32)  # word 3 is pid (low half) and event (high half)
+        args = tuple(words[:, 5 + i] for i in range(self.nargs))
+        return self._hits(
+            words[:, 1].view(np.int64), halves[:, 6], words[:, 2], halves[:, 7], words[:, 4], args
+        )
+
+    def _named(self, records: np.ndarray) -> Hits:
+        """Whole records (Ring.drain), as hits."""
+        args = tuple(records["args"][:, i] for i in range(self.nargs))
+        return self._hits(
+            records["time"], records["pid"], records["thread"], records["event"], records["ip"], args
+        )
+
+    def _hits(
+        self,
+        tsc: np.ndarray,
+        key_pid: np.ndarray,
+        fs_base: np.ndarray,
+        event: np.ndarray,
+        ip: np.ndarray,
+        args: tuple[np.ndarray, ...],
+    ) -> Hits:
+        """Columns of records as hits: time in CLOCK_MONOTONIC ns, thread a TID, and without the threads
+        -t leaves out."""
+        pid, tid = self.names.columns(key_pid, fs_base, tsc)
+        hits = Hits(self.clock.to_ns(tsc), pid, tid, event, ip, args)
+        for p, tids in self.only_tids.items():
+            other = (hits.pid == p) & ~np.isin(hits.tid, list(tids))
+            if other.any():
+                keep = ~other
+                hits = Hits(
+                    hits.time[keep],
+                    hits.pid[keep],
+                    hits.tid[keep],
+                    hits.event[keep],
+                    hits.ip[keep],
+                    tuple(a[keep] for a in hits.args),
+                )
+        return hits
