@@ -351,29 +351,18 @@ class KernelPmu(PmuBase):
 
 
 @dataclass
-class SoftwarePmu(KernelPmu):
-    """The kernel's software counters: task-clock, context-switches, page-faults, ..."""
+class CounterPmu(KernelPmu):
+    """The kernel's generic counters of one type: software (task-clock, context-switches, page-faults,
+    ...) or hardware (cycles, instructions, ..., where the machine has a hardware PMU)."""
 
     name: str = "software"
+    type: int = TYPE_SOFTWARE
 
     def _config(self, attr: EventAttr, target: Target) -> _Config:
         spec = attr.counter
-        if spec is None or spec.type != TYPE_SOFTWARE:
-            raise EventSpecError(f"{attr.name}: not a software counter")
-        return _Config(type=TYPE_SOFTWARE, config=spec.config)
-
-
-@dataclass
-class HardwarePmu(KernelPmu):
-    """The CPU's generic hardware counters (cycles, instructions, ...), where the machine has them."""
-
-    name: str = "hardware"
-
-    def _config(self, attr: EventAttr, target: Target) -> _Config:
-        spec = attr.counter
-        if spec is None or spec.type != TYPE_HARDWARE:
-            raise EventSpecError(f"{attr.name}: not a hardware counter")
-        return _Config(type=TYPE_HARDWARE, config=spec.config)
+        if spec is None or spec.type != self.type:
+            raise EventSpecError(f"{attr.name}: not a {self.name} counter")
+        return _Config(type=self.type, config=spec.config)
 
 
 @dataclass
@@ -433,12 +422,12 @@ class KernelUprobePmu(KernelPmu):
         )
 
 
-def software_factory(env: PmuEnv) -> SoftwarePmu:
-    return SoftwarePmu()
+def software_factory(env: PmuEnv) -> CounterPmu:
+    return CounterPmu(name="software", type=TYPE_SOFTWARE)
 
 
-def hardware_factory(env: PmuEnv) -> HardwarePmu:
-    return HardwarePmu()
+def hardware_factory(env: PmuEnv) -> CounterPmu:
+    return CounterPmu(name="hardware", type=TYPE_HARDWARE)
 
 
 def uprobe_factory(env: PmuEnv) -> KernelUprobePmu:

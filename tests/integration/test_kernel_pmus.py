@@ -23,6 +23,7 @@ import pytest
 
 from pmu.perf_event import online_cpus
 from tests.conftest import NO_OPTIMIZE, ROOT, have_kernel_uprobes, processes_running, run_pmu
+from tests.integration.test_bad_input import _one_line_error
 
 DEFAULT_NAMES = [
     "task-clock",
@@ -354,16 +355,6 @@ def _nothing_left(before: list[str], exe: str) -> None:
     changed = set(before) ^ set(_uprobe_events())
     assert [line for line in changed if ours(line)] == []
     assert processes_running(exe) == []
-
-
-def _one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("pmu: "), lines[0]
-    assert "Traceback" not in r.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.mark.parametrize(
