@@ -345,12 +345,15 @@ def _nothing_left(before: list[str], exe: str) -> None:
     process of the command runs.
 
     A test suite running beside this one may add and remove its own tracefs uprobes meanwhile (the
-    groups pmutest of tests/conftest.py and pmukpPID of this file, on its own binaries): those are the
-    only changes allowed, and none may be about this test's binary."""
+    groups pmutest of tests/conftest.py and pmukpPID of this file, on its own binaries, and pmu_PID of
+    a pmu that is still running): those are the only changes allowed, and none may be about this test's
+    binary. A pmu_PID group of a pmu that has ended is one left behind."""
 
     def ours(line: str) -> bool:
-        group = line.split()[0].partition(":")[2]
-        return exe in line or not group.startswith(("pmutest/", "pmukp"))
+        group = line.split()[0].partition(":")[2].partition("/")[0]
+        pid = group.removeprefix("pmu_")
+        live_pmu = group.startswith("pmu_") and pid.isdigit() and os.path.exists(f"/proc/{pid}")
+        return exe in line or not (group.startswith(("pmutest", "pmukp")) or live_pmu)
 
     changed = set(before) ^ set(_uprobe_events())
     assert [line for line in changed if ours(line)] == []
