@@ -71,16 +71,19 @@ def perf_f(kcalls: Kcalls) -> Iterator[PerfProbe]:
     reason = have_kernel_uprobes()
     if reason:
         pytest.skip(reason)
-    group = f"pmukp{os.getpid()}"
+    # perf probe wants event names unique across groups too: both are this process's own.
+    group, name = f"pmukp{os.getpid()}", f"f{os.getpid()}"
     add = subprocess.run(
-        ["perf", "probe", "-q", "-x", kcalls.exe, "--add", f"{group}:f=f"], capture_output=True, text=True
+        ["perf", "probe", "-x", kcalls.exe, "--add", f"{group}:{name}=f"], capture_output=True, text=True
     )
     try:
         assert add.returncode == 0, add.stderr
-        placed = [line for line in UPROBE_EVENTS.read_text().splitlines() if line.startswith(f"p:{group}/f ")]
+        placed = [
+            line for line in UPROBE_EVENTS.read_text().splitlines() if line.startswith(f"p:{group}/{name} ")
+        ]
         assert len(placed) == 1, placed
         path, _, offset = placed[0].split()[1].rpartition(":")
-        yield PerfProbe(f"{group}:f", path, int(offset, 16))
+        yield PerfProbe(f"{group}:{name}", path, int(offset, 16))
     finally:
         subprocess.run(["perf", "probe", "-q", "-d", f"{group}:*"], capture_output=True)
 
