@@ -31,7 +31,7 @@ from pmu.hits import Hits
 from pmu.ring import MAX_ARGS
 from pmu.sched.scheduler import Scheduler
 from pmu.trace.launch import CpuTask, PlainTask, Untraced
-from pmu.trace.maps import mapped_files, tgid_of
+from pmu.trace.maps import mapped_files, read_maps, tgid_of, threads_of
 from pmu.trace.tasks import AddressSpace, Task
 from pmu.trace.tracer import Tracer
 
@@ -95,6 +95,8 @@ class Evlist:
         self.traced = any(NEEDS_TRACER.get(name, False) for name in self.pmus)
         """Some event needs the ptrace engine: commands are launched and processes attached under it."""
         self.sched = Scheduler(self.pmus)
+        self.multiplexing = any(pmu.slots is not None for pmu in self.pmus.values())
+        """Some backend has fewer slots than it may have events: the event loop's tick rotates them."""
         self.index_of = {attr: i for i, attr in enumerate(attrs)}
         self.cpus: list[int] = []
         """The CPUs of a system-wide run."""
@@ -157,7 +159,7 @@ class Evlist:
         # Everything made so far (modules, pyarrow) lives as long as pmu: keep the collector from walking
         # it again and again while millions of records go by (it took a tenth of pmu record's time).
         gc.freeze()
-        multiplexing = any(pmu.slots is not None for pmu in self.pmus.values())
+        multiplexing = self.multiplexing
         if self.ring is None and not multiplexing:
             yield
             return
@@ -197,7 +199,7 @@ class Evlist:
         if self._sink is not None:
             self.drain()
         now = time.monotonic()
-        if now - self._rotated >= MUX_INTERVAL and any(p.slots is not None for p in self.pmus.values()):
+        if now - self._rotated >= MUX_INTERVAL and self.multiplexing:
             self._rotated = now
             self.sched.rotate()
 
@@ -361,7 +363,7 @@ class Evlist:
         them (a process a debugger traces can be counted so). Ends as the traced attach does."""
         tasks: list[PlainTask] = []
         for pid, only in targets.items():
-            threads = _threads_of(pid)
+            threads = threads_of(pid)
             if not threads:
                 raise ProcessError(f"no process with pid {pid}")
             if only is not None and (missing := only - set(threads)):
@@ -369,13 +371,7 @@ class Evlist:
             tasks += [
                 PlainTask(tid, pid, exec_pending=False) for tid in threads if only is None or tid in only
             ]
-        exe: str | None = None
-        with contextlib.suppress(OSError):
-            exe = os.path.realpath(f"/proc/{tasks[0].pid}/exe")
-        mapped: list[str] = []
-        with contextlib.suppress(OSError), open(f"/proc/{tasks[0].pid}/maps") as f:
-            mapped = sorted({line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) > 5})
-        self._check(Target(exe=exe, mapped=[m for m in mapped if m.startswith("/")]))
+        self._check(_attached(tasks[0].pid))
         interrupted = False
         child: subprocess.Popen[bytes] | None = None
 
@@ -456,14 +452,7 @@ class Evlist:
             stopping.check()
 
     def _open_on(self, tasks: Sequence[Task], only_tids: dict[int, set[int]]) -> None:
-        mapped: list[str] = []
-        exe: str | None = None
-        with contextlib.suppress(OSError):
-            mapped = mapped_files(tasks[0].mm.maps())
-        if tasks:
-            with contextlib.suppress(OSError):
-                exe = os.path.realpath(f"/proc/{tasks[0].pid}/exe")
-        self._check(Target(exe=exe, mapped=mapped, only_tids=only_tids))
+        self._check(_attached(tasks[0].pid, only_tids))
         for evsel in self.evsels:
             for task in tasks:
                 evsel.events.append(self.sched.open(evsel.attr, task))
@@ -699,13 +688,15 @@ def _check_exe(exe: str) -> None:
         raise FileError(f"not an ELF file: {exe}")
 
 
-def _threads_of(pid: int) -> list[int]:
-    """The threads of a process, leader first ([] if there is no such process)."""
-    try:
-        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except OSError:
-        return []
-    return sorted(tids, key=lambda t: t != pid)
+def _attached(pid: int, only_tids: dict[int, set[int]] | None = None) -> Target:
+    """What an attached process's events are resolved against: its executable and the files it maps."""
+    exe: str | None = None
+    mapped: list[str] = []
+    with contextlib.suppress(OSError):
+        exe = os.path.realpath(f"/proc/{pid}/exe")
+    with contextlib.suppress(OSError):
+        mapped = mapped_files(read_maps(pid))
+    return Target(exe=exe, mapped=mapped, only_tids=only_tids or {})
 
 
 def _tgid_of(tid: int) -> int:

@@ -91,7 +91,6 @@ class KernelPmu(PmuBase):
     _configs: dict[EventAttr, _Config] = field(default_factory=dict)
     _counters: dict[Event, _Counter] = field(default_factory=dict)
     _unsupported: set[EventAttr] = field(default_factory=set)
-    _closed: list[int] = field(default_factory=list)
     index_of: dict[EventAttr, int] = field(default_factory=dict)
     """Each attr's event index in records (set_ring)."""
     pages: int = 64

@@ -54,11 +54,15 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run")
 
 
+def system_wide(args: argparse.Namespace) -> bool:
+    """-a or -C was given."""
+    return bool(getattr(args, "all_cpus", False) or getattr(args, "cpu", None))
+
+
 def engine(args: argparse.Namespace) -> str:
     """The engine uprobes use: --engine, or kernel for a system-wide run."""
-    system_wide = bool(getattr(args, "all_cpus", False) or getattr(args, "cpu", None))
     chosen: str | None = getattr(args, "engine", None)
-    if system_wide:
+    if system_wide(args):
         if chosen == "ptrace":
             raise UsageError("-a/-C count with the kernel engine (--engine ptrace follows tasks only)")
         return "kernel"
@@ -78,7 +82,7 @@ def system_wide_cpus(args: argparse.Namespace) -> list[int] | None:
 
     if getattr(args, "cpu", None) == "":
         raise UsageError("bad -C list '': expected CPU numbers and ranges (0,2-3)")
-    if not (getattr(args, "all_cpus", False) or getattr(args, "cpu", None)):
+    if not system_wide(args):
         return None
     online = perf_event.online_cpus()
     if not args.cpu:
@@ -132,7 +136,7 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "sep", None) == "":
         raise UsageError("bad -x '': the field separator must be at least one character")
     if hasattr(args, "pid"):
-        if (getattr(args, "all_cpus", False) or getattr(args, "cpu", None)) and (args.pid or args.tid):
+        if system_wide(args) and (args.pid or args.tid):
             raise UsageError("-a/-C count system-wide: they do not go with -p/-t")
         targets.check(ids(args.pid, "pid"), ids(args.tid, "tid"))
 

@@ -23,6 +23,7 @@ from pmu.commands.options import (
     launched,
     pmu_for,
     report_engines_and_errors,
+    system_wide,
     system_wide_cpus,
 )
 from pmu.errors import UsageError
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _what(args: argparse.Namespace, pids: list[int]) -> str:
     """What a recording without a command measured, for its metadata."""
-    if args.all_cpus or args.cpu:
+    if system_wide(args):
         return f"-C {args.cpu}" if args.cpu else "-a"
     return f"-p {args.pid}" if pids else f"-t {args.tid}"
 

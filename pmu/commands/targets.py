@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 
 from pmu.errors import ProcessError, TracePermissionError, UsageError
-from pmu.trace.maps import tgid_of
+from pmu.trace.maps import tgid_of, threads_of
 
 PID_MAX = (1 << 31) - 1
 """The largest pid_t: a bigger number is no process on any kernel (one below may still be absent)."""
@@ -68,7 +68,7 @@ def _check_process(pid: int) -> None:
     if flags & PF_KTHREAD:
         raise TracePermissionError(f"cannot trace process {pid}: it is a kernel thread (no user-space code)")
     if state in "ZX":
-        threads = [t for t in _tasks(pid) if t != pid and _stat(pid, t)[0] not in "ZX"]
+        threads = [t for t in threads_of(pid) if t != pid and _stat(pid, t)[0] not in "ZX"]
         if not threads:
             raise ProcessError(
                 f"cannot trace process {pid}: it has exited (a zombie its parent has not reaped)"
@@ -107,10 +107,3 @@ def _stat(pid: int, tid: int | None = None) -> tuple[str, int]:
     except (OSError, IndexError):
         return "X", 0
     return fields[0], int(fields[6])
-
-
-def _tasks(pid: int) -> list[int]:
-    try:
-        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return []

@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from pmu.errors import ProcessError
 
@@ -53,6 +54,34 @@ class CpuTask:
         return f"CPU{self.cpu}"
 
 
+def exec_when_told(
+    rfd: int,
+    wfd: int,
+    exe: str,
+    argv: Sequence[str],
+    child_signals: Mapping[int, signal.Handlers],
+    env: Mapping[str, str],
+    failed: int | None = None,
+) -> NoReturn:
+    """In a forked child: wait for b"g" on the pipe rfd (wfd is its other end), then exec `exe` with the
+    given dispositions and environment. Anything else on the pipe, its closing, or a failed exec ends
+    the child with status 127 (having written a byte to `failed`, when given, for an exec that failed)."""
+    try:
+        os.close(wfd)
+        go = os.read(rfd, 1)
+        os.close(rfd)
+        if go == b"g":
+            for signum, handler in child_signals.items():
+                signal.signal(signum, handler)
+            os.execve(exe, list(argv), env)
+    except BaseException:
+        pass
+    if failed is not None:
+        with contextlib.suppress(OSError):
+            os.write(failed, b"x")
+    os._exit(127)
+
+
 class Untraced:
     """A command forked and held before its exec, then let go and waited for."""
 
@@ -67,20 +96,8 @@ class Untraced:
         ok_r, ok_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # child
-            try:
-                os.close(wfd)
-                os.close(ok_r)
-                go = os.read(rfd, 1)
-                os.close(rfd)
-                if go == b"g":
-                    for signum, handler in child_signals.items():
-                        signal.signal(signum, handler)
-                    os.execve(exe, list(argv), env)
-            except BaseException:
-                pass
-            with contextlib.suppress(OSError):
-                os.write(ok_w, b"x")  # exec failed
-            os._exit(127)
+            os.close(ok_r)
+            exec_when_told(rfd, wfd, exe, argv, child_signals, env, failed=ok_w)
         os.close(rfd)
         os.close(ok_w)
         self.pid = pid

@@ -92,6 +92,14 @@ def free_gap_near(maps: list[Mapping], address: int, size: int, reach: int = 1 <
     return best
 
 
+def threads_of(pid: int) -> list[int]:
+    """The thread ids of process `pid`, in order ([] if there is no such process)."""
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return []
+
+
 def status_field(tid: int, key: str) -> str | None:
     """The value of field `key` ("Tgid", "SigBlk", ...) of /proc/TID/status; None if there is no such
     thread (or field)."""

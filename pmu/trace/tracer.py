@@ -23,7 +23,8 @@ from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissio
 from pmu.ring import ClockKind, Ring, ThreadKind
 from pmu.trace import guard, inject, trampoline
 from pmu.trace import ptrace_ops as pt
-from pmu.trace.maps import PAGE, free_gap_near, status_field, tgid_of
+from pmu.trace.launch import exec_when_told
+from pmu.trace.maps import PAGE, free_gap_near, status_field, tgid_of, threads_of
 from pmu.trace.patchsafety import PatchPlan
 from pmu.trace.relocate import SLOT_SIZE, build_slot, relocate_run
 from pmu.trace.rtld import RT_ADD, RT_CONSISTENT, debug_state_address, link_map_state, r_debug_address
@@ -165,16 +166,7 @@ class Tracer:
         rfd, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
-            try:
-                os.close(wfd)
-                os.read(rfd, 1)
-                os.close(rfd)
-                for signum, handler in child_signals.items():
-                    signal.signal(signum, handler)
-                os.execve(exe, list(argv), os.environ if env is None else env)
-            except BaseException:
-                pass
-            os._exit(127)
+            exec_when_told(rfd, wfd, exe, argv, child_signals, os.environ if env is None else env)
         os.close(rfd)
         mm = AddressSpace(pid)
         try:
@@ -1405,10 +1397,10 @@ def check_traceable(pid: int) -> None:
 
 
 def _threads(pid: int) -> list[int]:
-    try:
-        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
-    except OSError:
-        raise ProcessError(f"no process with pid {pid}") from None
+    tids = threads_of(pid)
+    if not tids:
+        raise ProcessError(f"no process with pid {pid}")
+    return tids
 
 
 def _permission(pid: int, err: BaseException) -> TracePermissionError | ProcessError:

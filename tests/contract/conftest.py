@@ -51,6 +51,7 @@ from pmu.events.event import Counts, Event, HookReason
 from pmu.events.spec import parse_event
 from pmu.evlist import Evlist
 from pmu.sched import Scheduler
+from pmu.trace.maps import Mapping, read_maps, status_field
 from tests.conftest import NO_OPTIMIZE, processes_running, run_pmu
 from tests.unit.fakepmu import FakeClock, FakePmu, FakeTask
 
@@ -130,30 +131,9 @@ def proc_state(pid: int) -> str:
 
 
 def tracer_pid(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("TracerPid:"):
-            return int(line.split()[1])
-    raise AssertionError("no TracerPid line")
-
-
-@dataclass(frozen=True)
-class Mapping:
-    start: int
-    end: int
-    perms: str
-    offset: int
-    path: str
-
-
-def read_maps(pid: int) -> list[Mapping]:
-    out = []
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        parts = line.split(maxsplit=5)
-        lo, hi = parts[0].split("-")
-        out.append(
-            Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[5] if len(parts) > 5 else "")
-        )
-    return out
+    value = status_field(pid, "TracerPid")
+    assert value is not None, "no TracerPid line"
+    return int(value)
 
 
 def read_mem(pid: int, addr: int, n: int) -> bytes:

@@ -4,20 +4,19 @@ of it stays one line."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import time
 
 import pytest
 
+from pmu.trace.maps import status_field
 from tests.conftest import run_pmu
 from tests.integration.test_record_files import fixed_hits  # noqa: F401  (the fixture)
 
 
 def _tracer_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"^TracerPid:\s+(\d+)", f.read(), re.M).group(1))  # type: ignore[union-attr]
+    return int(status_field(pid, "TracerPid") or 0)
 
 
 @pytest.fixture
