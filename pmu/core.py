@@ -180,11 +180,13 @@ class Pmu(Protocol):
         """How the event is served, for -v (one line)."""
         ...
 
-    def samples(self, final: bool = False) -> list[Hits]:
-        """Sample records the backend's own rings took since the last call (the uprobe PMU's rings in
-        traced processes, a kernel counter's mmap ring), for the recording's sink; [] for a backend
-        whose records all go to the ring of set_ring. final: no producer is left, take everything
-        (what flush drained last comes with it)."""
+    def samples(self, sink: Callable[[Hits], None], final: bool = False) -> None:
+        """Give `sink` the sample records the backend's own rings took since the last call (the uprobe
+        PMU's rings in traced processes, a kernel counter's mmap ring), in batches; nothing for a
+        backend whose records all go to the ring of set_ring. A batch may be a view of a buffer the
+        backend reuses: the sink takes what it needs before it returns. final: no producer is left,
+        take everything. The evlist drains every backend with final before flush, and once more
+        after it (for what a flush read last)."""
         ...
 
     def lost(self) -> dict[int, int]:
@@ -250,8 +252,8 @@ class PmuBase:
     def describe(self, event: Event) -> str:
         return self.name
 
-    def samples(self, final: bool = False) -> list[Hits]:
-        return []
+    def samples(self, sink: Callable[[Hits], None], final: bool = False) -> None:
+        return None
 
     def lost(self) -> dict[int, int]:
         return {}

@@ -127,8 +127,7 @@ class Evlist:
             if len(records):
                 self._sink(Hits.of_records(records, MAX_ARGS))
         for pmu in self.pmus.values():
-            for hits in pmu.samples(final):
-                self._sink(hits)
+            pmu.samples(self._sink, final)
 
     def lost_per_event(self) -> dict[int, int]:
         """{event index: records lost because a ring was full}, over every ring (closed ones too)."""
@@ -581,6 +580,7 @@ class Evlist:
         finally:
             try:
                 self.tracer.detach_all()
+                self.drain(final=True)  # every record, before the backends close their rings
             finally:
                 for pmu in self.pmus.values():
                     pmu.flush()

@@ -22,6 +22,7 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -215,15 +216,16 @@ class KernelPmu(PmuBase):
         self.pages = max(1, ring.capacity // RECORDS_PER_PAGE)
         self.recording = True
 
-    def samples(self, final: bool = False) -> list[Hits]:
-        out, self._pending = self._pending, []
+    def samples(self, sink: Callable[[Hits], None], final: bool = False) -> None:
+        pending, self._pending = self._pending, []
+        for batch in pending:
+            sink(batch)
         for first in self._counters.values():
             for counter in first.all():
                 if counter.ring is not None:
                     hits = self._decode(counter, counter.ring.take())
                     if hits is not None:
-                        out.append(hits)
-        return out
+                        sink(hits)
 
     def lost(self) -> dict[int, int]:
         return dict(self._lost)

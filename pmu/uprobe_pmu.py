@@ -146,8 +146,9 @@ class UprobePmu(PmuBase):
         self.records = TrampolineRecords(self.tracer, ring, nargs)
         self.records.only_tids = self._only_tids
 
-    def samples(self, final: bool = False) -> list[Hits]:
-        return self.records.take(final) if self.records is not None else []
+    def samples(self, sink: Callable[[Hits], None], final: bool = False) -> None:
+        if self.records is not None:
+            self.records.take(sink, final)
 
     def lost(self) -> dict[int, int]:
         return self.records.lost_per_event() if self.records is not None else {}
@@ -156,7 +157,7 @@ class UprobePmu(PmuBase):
         return self.records.clock_error_ns() if self.records is not None else 0
 
     def flush(self) -> None:
-        """The run is over: the tracee rings are drained to the end and closed."""
+        """The run is over (its records drained): the tracee rings are closed."""
         if self.records is not None:
             self.records.close()
 

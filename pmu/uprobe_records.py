@@ -11,6 +11,7 @@ answering stops while a busy ring empties.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -53,62 +54,58 @@ class TrampolineRecords:
         self._lost_closed_total = 0
         self._used = False
         """Some records came from trampolines (their times are calibrated TSC)."""
-        self._out: list[Hits] = []
 
     # ---- draining ---------------------------------------------------------------------------------
 
-    def take(self, final: bool = False) -> list[Hits]:
-        """What the rings hold, as hits (final: no producer is left, take everything)."""
-        out, self._out = self._out, []
+    def take(self, sink: Callable[[Hits], None], final: bool = False) -> None:
+        """What the rings hold, as hits given to `sink` chunk by chunk (final: no producer is left,
+        take everything). A chunk's columns are views of one buffer that the next chunk reuses: the
+        sink takes what it needs before it returns."""
         tracer = self.tracer
         if not (tracer.rings or tracer.retired):
-            return out
+            return
         self._used = True
         now = time.monotonic()
         if final or now - self._calibrated >= CALIBRATE_EVERY:
             self.clock.add()
             self._calibrated = now
-        self._close_retired()
+        self._close_retired(sink)
         for _ in range(1 if final else DRAIN_BUDGET):
             full = False
             for ring in tracer.rings:
-                full = self._drain_ring(ring, final) or full
+                full = self._drain_ring(ring, sink, final) or full
             if not full:
-                break
-        else:
-            tracer.tick_due = True  # more is waiting: come back once stops are answered
-        out += self._out
-        self._out = []
-        return out
+                return
+        tracer.tick_due = True  # more is waiting: come back once stops are answered
 
     def close(self) -> None:
-        """The run is over: everything left drained (kept for the next take), every ring closed."""
-        self._out = self.take(final=True)
+        """The run is over and its records drained: every ring closed, their lost counts kept."""
         tracer = self.tracer
-        for ring in tracer.rings:
+        for ring in tracer.rings + tracer.retired:
             self._lost(ring)
             ring.close()
         tracer.rings.clear()
+        tracer.retired.clear()
 
-    def _drain_ring(self, ring: Ring, final: bool) -> bool:
+    def _drain_ring(self, ring: Ring, sink: Callable[[Hits], None], final: bool) -> bool:
         """One chunk of a ring (final: all of it, abandoned records skipped); True if the chunk came
         full (more is likely waiting)."""
         while True:
             words = ring.take(DRAIN_CHUNK, 5 + self.nargs, self._words)
             if len(words):
-                self._out.append(self._named_words(words))
+                sink(self._named_words(words))
             if len(words) < DRAIN_CHUNK or not final:
                 break
         if final and len(records := ring.drain(final=True)):  # after an abandoned record
-            self._out.append(self._named(records))
+            sink(self._named(records))
         return len(words) == DRAIN_CHUNK
 
-    def _close_retired(self) -> None:
+    def _close_retired(self, sink: Callable[[Hits], None]) -> None:
         """Drain the rings no process maps any more to the end, keep their lost counts, close them."""
         retired = self.tracer.retired
         while retired:
             ring = retired[0]
-            self._drain_ring(ring, final=True)
+            self._drain_ring(ring, sink, final=True)
             self._lost(ring)
             retired.pop(0)
             ring.close()
