@@ -38,7 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopping.take_over()
     except KeyboardInterrupt:  # Python's own SIGINT handler, a moment before ours was in
         _die_of_sigint()
-    status = _main(argv)
+    try:
+        status = _main(argv)
+    except (MemoryError, SystemError) as err:  # out of _main's own handlers, which ran out of memory too
+        if os.environ.get("PMU_DEBUG") or not _for_want_of_memory(err):
+            raise
+        os.write(2, _OUT_OF_MEMORY_BYTES)  # nothing left to allocate a str with, maybe
+        status = 2
     stopping.hold()
     return status
 
@@ -93,6 +99,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 OUT_OF_MEMORY = "pmu: out of memory (a limit such as ulimit -v, or the machine's memory is exhausted)\n"
+_OUT_OF_MEMORY_BYTES = OUT_OF_MEMORY.encode()
 
 _NO_MEMORY_TEXTS = ("failed to map segment from shared object", "cannot allocate memory")
 """What the dynamic linker (dlopen of an extension module or its libraries) says for want of memory."""
@@ -100,7 +107,12 @@ _NO_MEMORY_TEXTS = ("failed to map segment from shared object", "cannot allocate
 
 def _for_want_of_memory(err: BaseException) -> bool:
     """Whether an exception (an ImportError of numpy's, say) was caused by memory running out: a MemoryError
-    or ENOMEM in its chain, or the dynamic linker's words for a mapping that failed."""
+    or ENOMEM in its chain, the dynamic linker's words for a mapping that failed, or, under an address-space
+    limit, CPython's "error return without exception set" (an import whose allocation failed can return
+    NULL without setting MemoryError: seen at ulimit -v 100 and 121 MB while stat.py imports)."""
+    import resource  # loaded already (pmu.environ)
+
+    limited = resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
     seen: set[int] = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
@@ -108,6 +120,8 @@ def _for_want_of_memory(err: BaseException) -> bool:
         if isinstance(cause, MemoryError):
             return True
         if isinstance(cause, OSError) and cause.errno == errno.ENOMEM:
+            return True
+        if limited and isinstance(cause, SystemError):
             return True
         if isinstance(cause, ImportError | OSError) and any(
             text in str(cause).lower() for text in _NO_MEMORY_TEXTS
