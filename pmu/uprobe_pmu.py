@@ -23,11 +23,10 @@ from pmu.events.attr import EventAttr
 from pmu.events.event import Event, HookReason
 from pmu.events.spec import ProbeKind, ProbeSpec
 from pmu.events.symbols import ResolvedProbe, function_extent, resolve_probe, resolve_target
-from pmu.trace import trampoline
 from pmu.trace.maps import addresses_of, mapped_files
 from pmu.trace.patchsafety import check_jump_patch
 from pmu.trace.relocate import build_slot
-from pmu.trace.tasks import AddressSpace, CounterArea, JumpPatch, ReturnFrame, TaskState
+from pmu.trace.tasks import AddressSpace, JumpPatch, ReturnFrame, TaskState
 from pmu.trace.tasks import Task as TraceTask
 from pmu.trace.tracer import Tracer
 from pmu.uprobe_records import TrampolineRecords
@@ -328,7 +327,7 @@ class UprobePmu(PmuBase):
             return
         on = any(e.running for entries in site.by_tid.values() for e in entries)
         for patch in site.jumps.values():
-            area.mem[trampoline.ENABLED + patch.column] = 1 if on else 0
+            area.set_enabled(patch.column, on)
 
     def _unattributed(self, site: _Site) -> int:
         """Hits of the site's jump patches by threads pmu cannot name: rows whose FS base belongs to no
@@ -337,15 +336,8 @@ class UprobePmu(PmuBase):
         area = site.mm.counters
         if area is None:
             return 0
-        view = np.frombuffer(area.mem, dtype="<u8")
-        keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
-        rows = view[trampoline.ROWS // 8 :].reshape(trampoline.NSLOTS, trampoline.NSITES)
         known = {t.fs_base for t in site.mm.tasks if t.fs_base} | {0}
-        strangers = np.array([int(k) not in known for k in keys])
-        total = 0
-        for column in site.columns:
-            total += int(rows[strangers, column].sum()) + int(view[trampoline.MISS // 8 + column])
-        return total
+        return area.unowned(known, site.columns)
 
     def _harvest(self, site: _Site, entry: _Entry) -> None:
         """Fold the hits counted for the entry's thread since the last harvest into its event.
@@ -364,9 +356,9 @@ class UprobePmu(PmuBase):
             return
         if entry.key != fs:
             if entry.key and _owner_of(task, entry.key) is task:
-                self._add(site, entry, int(sum(self._row(area, entry.key)[c] for c in site.columns)))
+                self._add(site, entry, int(sum(area.row(entry.key)[c] for c in site.columns)))
             entry.key, entry.seen = fs, 0
-        self._add(site, entry, int(sum(self._row(area, fs)[c] for c in site.columns)))
+        self._add(site, entry, int(sum(area.row(fs)[c] for c in site.columns)))
 
     @staticmethod
     def _add(site: _Site, entry: _Entry, value: int) -> None:
@@ -386,7 +378,7 @@ class UprobePmu(PmuBase):
         if area is None:
             return
         fs = self.tracer.fs_base(parent)
-        self._vforks[child.tid] = (parent.mm, parent.tid, fs, self._row(area, fs))
+        self._vforks[child.tid] = (parent.mm, parent.tid, fs, area.row(fs))
 
     def task_vfork_done(self, child: Task) -> None:
         """The vfork child leaves its parent's memory: what the parent's row gained meanwhile is the
@@ -399,7 +391,7 @@ class UprobePmu(PmuBase):
         mm, parent_tid, fs, before = found
         if mm.counters is None:
             return
-        now = self._row(mm.counters, fs)
+        now = mm.counters.row(fs)
         gained = now - before
         for (site_mm, _, _), site in self._sites.items():
             if site_mm is not mm or not site.columns:
@@ -415,17 +407,6 @@ class UprobePmu(PmuBase):
                 entry.seen = int(sum(now[c] for c in site.columns))  # the row is not its own
                 site.attributed += hits
 
-    @staticmethod
-    def _row(area: CounterArea, fs: int) -> np.ndarray:
-        """The counts of the thread with FS base fs: the sum of every row keyed by it (zeros if none)."""
-        view = np.frombuffer(area.mem, dtype="<u8")
-        keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
-        rows = view[trampoline.ROWS // 8 :].reshape(trampoline.NSLOTS, trampoline.NSITES)
-        if not fs:
-            return np.zeros(trampoline.NSITES, dtype=np.int64)
-        total: np.ndarray = rows[keys == fs].sum(axis=0, dtype=np.int64)
-        return total
-
     def task_exited(self, task: Task) -> None:
         """A thread is gone (its events already harvested): give its counter rows back for reuse, so a
         thread that gets the same FS base later (glibc reuses a finished thread's TLS) starts from zero.
@@ -437,12 +418,7 @@ class UprobePmu(PmuBase):
             return
         if _owner_of(task, fs) is not task:
             return
-        view = np.frombuffer(area.mem, dtype="<u8")
-        keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
-        rows = view[trampoline.ROWS // 8 :].reshape(trampoline.NSLOTS, trampoline.NSITES)
-        for index in np.flatnonzero(keys == fs):
-            rows[index] = 0  # counts first, then the key: a thread claiming the row finds it zeroed
-            keys[index] = 0
+        area.free_rows(fs)
 
     def describe(self, event: Event) -> str:
         """How the event's probe is served, for -v: a jump patch, or int3 and why not a jump."""

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 from pmu.ring import Ring
+from pmu.trace import trampoline
 from pmu.trace.guard import Guard
 from pmu.trace.maps import Mapping, read_maps
 
@@ -124,7 +127,10 @@ class JumpPatch:
 
 @dataclass(eq=False)
 class CounterArea:
-    """A memfd shared between pmu and one address space: the trampolines' counters (see trampoline.py).
+    """A memfd shared between pmu and one address space: the trampolines' counters, in the layout
+    trampoline.py defines (ENABLED flags and MISS counters per site, the owner PID, KEYS = the FS base
+    that claimed each row, ROWS = one counter per site and row). The only code that reads or writes it
+    on pmu's side: the trampolines write it in the tracee.
 
     pmu keeps its own mapping, so counts stay readable after the tracee exec'd or died."""
 
@@ -133,6 +139,51 @@ class CounterArea:
     address: int
     """Where the tracee maps it."""
     size: int
+
+    def _words(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keys, rows, misses): views of the row keys (NSLOTS), the counters (NSLOTS x NSITES) and
+        the per-site miss counters (NSITES)."""
+        view = np.frombuffer(self.mem, dtype="<u8")
+        keys = view[trampoline.KEYS // 8 : trampoline.KEYS // 8 + trampoline.NSLOTS]
+        rows = view[trampoline.ROWS // 8 :].reshape(trampoline.NSLOTS, trampoline.NSITES)
+        misses = view[trampoline.MISS // 8 : trampoline.MISS // 8 + trampoline.NSITES]
+        return keys, rows, misses
+
+    def row(self, fs: int) -> np.ndarray:
+        """The counts (one per site) of the thread with FS base fs: the sum of every row keyed by it
+        (a thread may hold several), zeros if none or fs is 0."""
+        if not fs:
+            return np.zeros(trampoline.NSITES, dtype=np.int64)
+        keys, rows, _ = self._words()
+        total: np.ndarray = rows[keys == fs].sum(axis=0, dtype=np.int64)
+        return total
+
+    def unowned(self, known: set[int], columns: Iterable[int]) -> int:
+        """Hits of the columns no known FS base can claim: rows keyed by a stranger (a thread gone
+        before pmu saw its TLS) and the misses (no TLS yet, no free row)."""
+        keys, rows, misses = self._words()
+        strangers = np.array([int(k) not in known for k in keys])
+        return sum(int(rows[strangers, c].sum()) + int(misses[c]) for c in columns)
+
+    def free_rows(self, fs: int) -> None:
+        """Give fs's rows back: counts first, then the key, so a thread claiming a row finds it zeroed."""
+        keys, rows, _ = self._words()
+        for index in np.flatnonzero(keys == fs):
+            rows[index] = 0
+            keys[index] = 0
+
+    def set_enabled(self, column: int, on: bool) -> None:
+        """Whether the site of `column` counts (its trampoline tests this byte first)."""
+        self.mem[trampoline.ENABLED + column] = 1 if on else 0
+
+    def copy_enabled(self, other: CounterArea) -> None:
+        """Every site enabled as in `other` (a forked child's own area, from its parent's)."""
+        enabled = slice(trampoline.ENABLED, trampoline.ENABLED + trampoline.NSITES)
+        self.mem[enabled] = other.mem[enabled]
+
+    def set_pid(self, pid: int) -> None:
+        """The pid recording trampolines put in their records (a forked child's own)."""
+        self.mem[trampoline.PID : trampoline.PID + 4] = pid.to_bytes(4, "little")
 
     def close(self) -> None:
         with contextlib.suppress(BufferError, ValueError):

@@ -10,41 +10,33 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 import os
 import signal
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pmu.errors import ProcessError, RelocationError, TraceError, TracePermissionError
-from pmu.ring import ClockKind, Ring, ThreadKind
-from pmu.trace import guard, inject, trampoline
+from pmu.errors import ProcessError, TraceError, TracePermissionError
+from pmu.ring import Ring
+from pmu.trace import guard, inject
 from pmu.trace import ptrace_ops as pt
+from pmu.trace.breakpoints import Breakpoints, write_first_byte_last
 from pmu.trace.launch import exec_when_told
-from pmu.trace.maps import PAGE, free_gap_near, status_field, tgid_of, threads_of
-from pmu.trace.patchsafety import PatchPlan
-from pmu.trace.relocate import SLOT_SIZE, build_slot, relocate_run
+from pmu.trace.maps import status_field, tgid_of, threads_of
+from pmu.trace.patches import Patches
+from pmu.trace.returns import Returns
 from pmu.trace.rtld import RT_ADD, RT_CONSISTENT, debug_state_address, link_map_state, r_debug_address
 from pmu.trace.tasks import (
     AddressSpace,
     Breakpoint,
-    BreakpointHandler,
-    CounterArea,
     JumpPatch,
     ReturnFrame,
-    ReturnHandler,
     SlotArea,
     Task,
     TaskState,
-    TraceeRing,
 )
 
-INT3 = b"\xcc"
-UD = bytes([guard.UD])
-"""The trap of a probe on a 1-byte instruction (see guard.py): a SIGILL with RIP at the probe."""
 WNOHANG = os.WNOHANG
 SPIN = 20
 """Polls of waitpid before sleeping in it: a tracee hitting probes stops again within microseconds, and
@@ -53,14 +45,12 @@ polls). Not when pmu has a single CPU: polling would only take it from the trace
 PUSHF = b"\x9c"
 POPF = b"\x9d"
 TRAP_FLAG = 0x100
-AREA_SIZE = 16 * PAGE
 STARTUP_STOPS = 20000
 """Syscall stops a task may make in its start-up phase (see Tracer.starting) before it is resumed with
 PTRACE_CONT anyway: a bound on the cost should the dynamic linker never say it is done."""
 SYS_MPROTECT = 10
 ENTER_RAX = -errno.ENOSYS & 0xFFFFFFFFFFFFFFFF
 """rax at a syscall-enter stop (x86-64 sets it before the stop); an exit stop holds the result."""
-NEAR = (1 << 31) - AREA_SIZE - PAGE
 
 
 @dataclass
@@ -101,8 +91,13 @@ class TraceListener(Protocol):
         ...
 
 
-class Tracer:
-    """Owns every traced task; the only place that waits for and resumes them."""
+class Tracer(Breakpoints, Patches, Returns):
+    """Owns every traced task; the only place that waits for and resumes them.
+
+    Its jobs are split along modules, each a mixin of this class sharing its state: this module has the
+    event loop, the tasks' lifecycle (clone, fork, exec, exit, the dynamic linker's start-up), stopping
+    and resuming, and leaving; breakpoints.py the int3 probes, their slots and the trap guard;
+    patches.py the jump patches and the memory shared with a tracee; returns.py return hijacking."""
 
     def __init__(self, listener: TraceListener) -> None:
         self.listener = listener
@@ -333,62 +328,6 @@ class Tracer:
         (and has resumed the task), False to pass it on; a stop nobody claims is delivered unchanged."""
         self.trap_handlers.setdefault(sig, []).append(handler)
 
-    def _trap(self, task: Task) -> bool:
-        """A SIGTRAP: a probe's int3, a hijacked return, or else not ours (False)."""
-        tid = task.tid
-        try:
-            rip = pt.peek_user(tid, pt.RIP)
-            bp = task.mm.breakpoints.get(rip - 1)
-            returned = bp is None and rip - 1 == task.mm.ret_tramp and task.shadow
-            if returned and pt.siginfo_code(tid)[1] == pt.SI_KERNEL:
-                task.state = TaskState.STOPPED
-                pt.poke_user(tid, pt.RIP, self._returned(task))
-                self._cont(task)
-                task.state = TaskState.RUNNING
-                return True
-            if bp is not None or (rip - 1) in task.mm.removed:
-                ours = bp is not None and bp.length > 1 or pt.siginfo_code(tid)[1] == pt.SI_KERNEL
-                if ours:  # bp None: a breakpoint another thread removed meanwhile: rewind to it
-                    self._hit(task, bp, rip - 1)
-                    return True
-            task.state = TaskState.STOPPED
-            return False
-        except pt.PtraceError as err:
-            if not pt.is_gone(err):
-                raise
-            return True  # gone: nothing left to deliver
-
-    def _hit(self, task: Task, bp: Breakpoint | None, rewind: int | None) -> None:
-        """A probe's trap in a stopped thread: its consumers run and the thread goes on in the slot; a
-        trap whose breakpoint is gone (`bp` None) goes on at `rewind` (None: where it is)."""
-        task.state = TaskState.STOPPED  # consumers may stop every thread to patch
-        if bp is not None:
-            for consumer in bp.consumers:
-                consumer(task)
-            pt.poke_user(task.tid, pt.RIP, bp.slot)
-        elif rewind is not None:
-            pt.poke_user(task.tid, pt.RIP, rewind)
-        self._cont(task)
-        task.state = TaskState.RUNNING
-
-    def _fault(self, task: Task) -> bool:
-        """A SIGILL: a hit of a probe on a 1-byte instruction (its UD, with RIP still at the probe) if
-        the kernel raised it for an invalid opcode there; any other is the program's, delivered."""
-        tid = task.tid
-        try:
-            rip = pt.peek_user(tid, pt.RIP)
-            mm = task.mm
-            bp = mm.breakpoints.get(rip)
-            site = bp is not None and bp.length == 1 or bp is None and rip in mm.removed
-            if site and pt.siginfo_code(tid)[1] == guard.ILL_ILLOPN:
-                self._hit(task, bp, None)  # bp None: removed meanwhile, RIP already at what is there now
-                return True
-            return False
-        except pt.PtraceError as err:
-            if not pt.is_gone(err):
-                raise
-            return True
-
     def _signal(self, task: Task, sig: int) -> None:
         """A signal-delivery-stop for a signal that is not ours: deliver it unchanged."""
         task.state = TaskState.STOPPED
@@ -433,26 +372,6 @@ class Tracer:
             task.state = TaskState.EXITING
         else:
             self._resume(task)
-
-    def _check_shared_fs(self, task: Task) -> None:
-        """Two live threads with one FS base (a clone without CLONE_SETTLS) share a counter row: from
-        now on every trampoline of their address space increments it with a lock (trampoline.LOCK).
-        Checked at a thread's first stop, before it has run any code. A vfork child is left out: it
-        has its parent's TLS, but the parent is suspended until the child execs or exits."""
-        mm = task.mm
-        fs = task.fs_base
-        if mm.locked or not fs or task.pid != mm.pid:
-            return
-        live = (TaskState.EXITED, TaskState.EXITING)
-        if not any(
-            t is not task and t.fs_base == fs and t.pid == mm.pid and t.state not in live for t in mm.tasks
-        ):
-            return
-        mm.locked = True
-        if mm.jumps:
-            with self.stopped(mm):
-                for patch in mm.jumps.values():
-                    mm.write(patch.lock_at, bytes([trampoline.LOCK]))
 
     def _unknown(self, tid: int, status: int) -> None:
         """A stop of a task whose parent's clone/fork event we have not seen yet: hold it."""
@@ -519,22 +438,6 @@ class Tracer:
         early = self.early.pop(child_tid, None)
         if early is not None:
             self.pending.append((child_tid, early))
-
-    def _own_counters(self, child: Task, shared: CounterArea) -> None:
-        """A forked child counts in a counter area of its own, mapped where the parent's was."""
-        if child.tid not in self.early:
-            _, status = pt.wait(child.tid)
-            self.early[child.tid] = status
-        state, child.state = child.state, TaskState.STOPPED
-        try:
-            near = child.mm.areas[0].base if child.mm.areas else shared.address
-            own = self._map_counters(child.mm, child.tid, near, fixed=shared.address)
-            # The child starts counting as its parent was: same probes enabled, no counts yet.
-            enabled = slice(trampoline.ENABLED, trampoline.ENABLED + trampoline.NSITES)
-            own.mem[enabled] = shared.mem[enabled]
-            child.mm.counters = own
-        finally:
-            child.state = state
 
     def _exec(self, task: Task) -> Task | None:
         """The exec event, reported under the leader's tid. Returns the task that now runs the image, or
@@ -700,429 +603,6 @@ class Tracer:
             if phase.stops_left <= 0:
                 del self.starting[task]  # enough: the r_brk hook does the rest, as without this phase
         self._resume(task)
-
-    # ---- breakpoints ----------------------------------------------------------------------------
-
-    def insert(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None:
-        """Add `consumer` to the int3 at `addr` (writing it, with every thread of mm stopped, if new)."""
-        bp = mm.breakpoints.get(addr)
-        if bp is not None:
-            bp.consumers.append(consumer)
-            return
-        with self.stopped(mm) as stopped_tid:
-            code = mm.read(addr, 16)
-            if code[:1] == INT3:
-                raise RelocationError(
-                    f"there is already an int3 at {addr:#x} (another debugger's breakpoint?)"
-                )
-            slot = self._alloc_slot(mm, addr, stopped_tid)
-            body, length = build_slot(code, addr, slot)
-            mm.write(slot, body)
-            self._guard_site(mm, stopped_tid, addr, slot, length)
-            # int3 over every byte, or UD over a lone one: see guard.py for a trap dropped as pmu dies
-            _write_first_byte_first(mm, addr, INT3 * length if length > 1 else UD)
-            mm.removed.discard(addr)
-            mm.breakpoints[addr] = Breakpoint(addr, code[:length], slot, length, [consumer])
-
-    # ---- jump-optimized probes --------------------------------------------------------------------
-
-    def counters(self, mm: AddressSpace, near: int) -> CounterArea:
-        """The counter area of mm: a memfd pmu maps too, mapped shared into the tracee on first use."""
-        if mm.counters is None:
-            with self.stopped(mm) as tid:
-                mm.counters = self._map_counters(mm, tid, near)
-        return mm.counters
-
-    def _map_counters(self, mm: AddressSpace, tid: int, near: int, fixed: int | None = None) -> CounterArea:
-        """The tracee makes the memfd (so it may run as any user), maps it shared, and pmu takes a copy
-        of the descriptor with pidfd_getfd (the ptrace right is enough) to map it too."""
-        name = b"pmu-counters\0"
-        scratch = self._alloc_slot(mm, near, tid, len(name))
-        mm.write(scratch, name)
-        tfd = self._syscall(tid, mm, inject.SYS_MEMFD_CREATE, scratch, inject.MFD_CLOEXEC)
-        if tfd < 0:
-            raise TraceError(f"cannot make a counter area in process {mm.pid}: {os.strerror(-tfd)}")
-        fd = -1
-        try:
-            size = trampoline.AREA_BYTES
-            if self._syscall(tid, mm, inject.SYS_FTRUNCATE, tfd, size) < 0:
-                raise TraceError(f"cannot size the counter area in process {mm.pid}")
-            flags = inject.MAP_SHARED | (inject.MAP_FIXED if fixed else 0)
-            prot = inject.PROT_READ | inject.PROT_WRITE
-            addr = self._syscall(tid, mm, inject.SYS_MMAP, fixed or 0, size, prot, flags, tfd, 0)
-            if addr < 0 or (fixed and addr != fixed):
-                raise TraceError(f"cannot map the counter area in process {mm.pid}")
-            fd = pt.fd_of(mm.pid, tfd)
-            area = CounterArea(fd, mmap.mmap(fd, size), addr, size)
-            area.mem[trampoline.PID : trampoline.PID + 4] = mm.pid.to_bytes(4, "little")
-            return area
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            raise
-        finally:
-            self._syscall(tid, mm, inject.SYS_CLOSE, tfd)
-
-    def tracee_ring(self, mm: AddressSpace, near: int) -> TraceeRing:
-        """The ring mm's recording trampolines write into: made on first use, like the counter area (the
-        tracee makes the memfd and maps it shared; pmu formats it and keeps its own mapping)."""
-        if mm.ring is not None:
-            return mm.ring
-        if self.ring_shape is None:
-            raise TraceError("no ring for recording trampolines (not recording)")
-        pages, nevents = self.ring_shape
-        name = b"pmu-ring\0"
-        with self.stopped(mm) as tid:
-            scratch = self._alloc_slot(mm, near, tid, len(name))
-            mm.write(scratch, name)
-            tfd = self._syscall(tid, mm, inject.SYS_MEMFD_CREATE, scratch, inject.MFD_CLOEXEC)
-            if tfd < 0:
-                raise TraceError(f"cannot make a ring in process {mm.pid}: {os.strerror(-tfd)}")
-            try:
-                fd = pt.fd_of(mm.pid, tfd)
-                try:
-                    ring = Ring.format(fd, pages, nevents, clock=ClockKind.TSC, thread=ThreadKind.FS_BASE)
-                except BaseException:
-                    os.close(fd)  # Ring.format owns it only once it returns
-                    raise
-                prot = inject.PROT_READ | inject.PROT_WRITE
-                # Populated now: a page fault per 32 records would more than double the cost of a hit.
-                flags = inject.MAP_SHARED | inject.MAP_POPULATE
-                addr = self._syscall(tid, mm, inject.SYS_MMAP, 0, ring.size, prot, flags, tfd, 0)
-                if addr < 0:
-                    ring.close()
-                    raise TraceError(f"cannot map a ring in process {mm.pid}: {os.strerror(-addr)}")
-            finally:
-                self._syscall(tid, mm, inject.SYS_CLOSE, tfd)
-        self.rings.append(ring)
-        mm.ring = TraceeRing(ring, addr, ring.size)
-        return mm.ring
-
-    def _syscall(self, tid: int, mm: AddressSpace, nr: int, *args: int) -> int:
-        """Run a syscall in stopped thread tid of mm: through the guard area's restoring stub (made by
-        the first syscall pmu runs in mm), so that a pmu killed meanwhile leaves nothing borrowed."""
-        g = self._guard_area(mm, tid)
-        if g is None:
-            result, signals = inject.inject_syscall(tid, mm, nr, *args)
-        else:
-            stub, save = g.base + guard.STUB, g.base + guard.SAVE
-            result, signals = inject.stub_syscall(tid, mm, stub, save, nr, *args)
-        for sig in signals:
-            self.pending.append((tid, (sig << 8) | 0x7F))
-        return result
-
-    def jump_patch(
-        self,
-        mm: AddressSpace,
-        addr: int,
-        plan: PatchPlan,
-        record: tuple[int, int, int] | None = None,
-        enabled: bool = False,
-    ) -> JumpPatch:
-        """Replace the instructions `plan` displaces at addr by a jump to a counting trampoline (which
-        also records hits into mm's ring with `record` = (event index, number of args, period)),
-        counting from the moment the jump is written if `enabled`.
-
-        Every thread is stopped; one whose RIP lies inside the displaced instructions is moved to the
-        matching instruction of the trampoline. An existing patch at addr (a forked child's copy) is
-        re-owned instead.
-        """
-        patch = mm.jumps.get(addr)
-        if patch is not None:
-            patch.users += 1
-            return patch
-        for other in mm.breakpoints:
-            if addr < other < addr + plan.length:
-                raise RelocationError(f"another probe at {other:#x} lies inside the bytes to patch")
-        area = self.counters(mm, addr)
-        spec = None
-        if record is not None:
-            ring = self.tracee_ring(mm, addr).address
-            spec = trampoline.RecordSpec(ring, record[0], addr, record[1], record[2])
-        column = mm.columns
-        if column >= trampoline.NSITES:
-            raise RelocationError(f"more than {trampoline.NSITES} optimized probes in one process")
-        with self.stopped(mm) as tid:
-            code = mm.read(addr, plan.length + 16)
-            if code[:1] == INT3:
-                raise RelocationError(f"there is already an int3 at {addr:#x}")
-            head = len(trampoline.counting_trampoline(area.address, column, spec))
-            tramp = self._alloc_slot(mm, addr, tid, head + 16 * plan.count + 64)
-            body, _, placed = relocate_run(code, addr, tramp + head, plan.count)
-            moves = [(offset, tramp + head + at) for offset, at in zip(plan.boundaries, placed, strict=True)]
-            tr = trampoline.build(area.address, column, body, tramp, addr + plan.length, spec, mm.locked)
-            mm.write(tramp, tr.code)
-            for t in mm.tasks:
-                if t.state is TaskState.STOPPED:
-                    rip = pt.peek_user(t.tid, pt.RIP)
-                    for offset, target in moves:
-                        if offset and rip == addr + offset:
-                            pt.poke_user(t.tid, pt.RIP, target)
-            area.mem[trampoline.ENABLED + column] = 1 if enabled else 0  # before any thread can enter
-            rel = tramp - (addr + 5)
-            mm.write(addr, b"\xe9" + rel.to_bytes(4, "little", signed=True) + INT3 * (plan.length - 5))
-            patch = JumpPatch(addr, code[: plan.length], tramp, column, tuple(moves), lock_at=tramp + tr.lock)
-            mm.jumps[addr] = patch
-            mm.columns += 1
-        return patch
-
-    def unpatch(self, mm: AddressSpace, addr: int) -> None:
-        """Drop one user of the jump patch at addr; the last one puts the original bytes back.
-
-        A thread inside the trampoline finishes its way through it (the trampoline stays mapped)."""
-        patch = mm.jumps.get(addr)
-        if patch is None:
-            return
-        patch.users -= 1
-        if patch.users > 0:
-            return
-        del mm.jumps[addr]
-        if not mm.dead:
-            with self.stopped(mm), contextlib.suppress(OSError):
-                mm.write(addr, patch.orig)
-
-    # ---- return probes --------------------------------------------------------------------------
-
-    def return_trampoline(self, mm: AddressSpace, near: int) -> int:
-        """The int3 hijacked returns land on in mm (made on first use, with every thread stopped)."""
-        if mm.ret_tramp is None:
-            with self.stopped(mm) as tid:
-                slot = self._alloc_slot(mm, near, tid)
-                g = self._guard(mm, tid)
-                if g is not None:
-                    mm.write(g.base + guard.RET_TRAMP, slot.to_bytes(8, "little"))
-                mm.write(slot, INT3 * 2)  # the second for a trap dropped as pmu dies (guard.py)
-                mm.ret_tramp = slot
-        return mm.ret_tramp
-
-    def hijack_return(self, task: Task, handler: ReturnHandler) -> None:
-        """At a function's entry: make its return trap, so that `handler` runs when it returns.
-
-        The return address at [RSP] is replaced by the trampoline and kept on the task's shadow stack
-        (as the kernel's uretprobes do). Frames left without returning (longjmp) are dropped when a
-        later entry or return finds them below the stack pointer.
-        """
-        mm = task.mm
-        tramp = mm.ret_tramp
-        if tramp is None:
-            return
-        rsp = pt.peek_user(task.tid, pt.RSP)
-        orig = int.from_bytes(mm.read(rsp, 8), "little")
-        shadow = task.shadow
-        chained = orig == tramp
-        if chained:
-            while shadow and shadow[-1].rsp < rsp:
-                shadow.pop()
-            if not shadow:  # not one of ours after all: leave it alone
-                return
-        else:
-            while shadow and shadow[-1].rsp <= rsp:
-                self._drop_frame(mm, shadow.pop())
-            entry = mm.guard.frame_entry(rsp, orig) if mm.guard is not None else None
-            if entry is not None:
-                mm.write(*entry)  # first: the slot is never the trampoline without its entry
-            mm.write(rsp, tramp.to_bytes(8, "little"))
-        shadow.append(ReturnFrame(rsp, orig, handler, time.monotonic_ns(), chained))
-
-    def arguments(self, task: Task, n: int) -> tuple[int, ...]:
-        """The first n integer arguments (x86-64 SysV: rdi, rsi, rdx, rcx, r8, r9) of a stopped task."""
-        regs = pt.get_regs(task.tid)
-        return (regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9)[:n]
-
-    def _returned(self, task: Task, run_handlers: bool = True) -> int:
-        """A hijacked return trapped (or is about to): pop its frames, running their handlers unless
-        pmu is leaving, and return the real return address."""
-        slot = pt.peek_user(task.tid, pt.RSP) - 8
-        shadow = task.shadow
-        while shadow and shadow[-1].rsp < slot:
-            self._drop_frame(task.mm, shadow.pop())  # frames longjmp'd over
-        if not shadow:
-            raise TraceError(
-                f"thread {task.tid} returned through pmu's trampoline with no frame to return to"
-            )
-        retval = pt.peek_user(task.tid, pt.RAX) if run_handlers else 0
-        while True:
-            frame = shadow.pop()
-            self._drop_frame(task.mm, frame)
-            if run_handlers:
-                frame.handler(task, frame, retval)
-            if not (frame.chained and shadow):
-                return frame.orig
-
-    def _unhijack(self, task: Task) -> None:
-        """Put back every return address of task's shadow stack (before it leaves our care)."""
-        mm = task.mm
-        tramp = mm.ret_tramp
-        if tramp is None or not task.shadow:
-            return
-        if task.state is TaskState.STOPPED and pt.peek_user(task.tid, pt.RIP) == tramp:
-            pt.poke_user(task.tid, pt.RIP, self._returned(task, run_handlers=False))
-        for frame in task.shadow:
-            if not frame.chained and mm.read(frame.rsp, 8) == tramp.to_bytes(8, "little"):
-                mm.write(frame.rsp, frame.orig.to_bytes(8, "little"))
-            self._drop_frame(mm, frame)
-        task.shadow.clear()
-
-    @staticmethod
-    def _drop_frame(mm: AddressSpace, frame: ReturnFrame) -> None:
-        if mm.guard is not None and not frame.chained:
-            mm.guard.drop_frame(frame.rsp)
-
-    # ---- the trap guard ---------------------------------------------------------------------------
-
-    def _guard_area(self, mm: AddressSpace, tid: int) -> guard.Guard | None:
-        """mm's guard area, mapped by the first syscall pmu runs in mm (through a stub in spare code
-        bytes, see inject.spare_code, or where there are none the two bytes at the thread's rip); None
-        if it cannot be mapped."""
-        if mm.guard is not None:
-            return mm.guard
-        prot = inject.PROT_READ | inject.PROT_EXEC
-        flags = inject.MAP_PRIVATE | inject.MAP_ANONYMOUS
-        args = (inject.SYS_MMAP, 0, guard.SIZE, prot, flags, -1, 0)
-        spare = inject.spare_code(mm.pid, mm.maps(), guard.SPARE_SIZE)
-        if spare is None:
-            base, signals = inject.inject_syscall(tid, mm, *args)
-        else:  # a stub of its own in bytes no thread runs: a pmu killed meanwhile leaves nothing wrong
-            kept = mm.read(spare, guard.SPARE_SIZE)
-            mm.write(spare, guard.stub_code(0, spare + guard.SPARE_SAVE))
-            try:
-                base, signals = inject.stub_syscall(tid, mm, spare, spare + guard.SPARE_SAVE, *args)
-            finally:
-                mm.write(spare, kept)
-        for sig in signals:
-            self.pending.append((tid, (sig << 8) | 0x7F))
-        if base < 0:
-            return None
-        mm.write(base, guard.code_page(base))
-        mm.guard = guard.Guard(base)
-        return mm.guard
-
-    def _guard(self, mm: AddressSpace, tid: int, ill: bool = False) -> guard.Guard | None:
-        """mm's trap guard, installed on first use (every thread of mm stopped, `tid` one of them): the
-        program's SIGTRAP disposition (and with `ill` its SIGILL one) saved and the guard's handler set.
-        None if it cannot be installed (the probes then work, unguarded should pmu die)."""
-        g = self._guard_area(mm, tid)
-        if g is None:
-            return None
-        if not g.installed:
-            data = inject.PROT_READ | inject.PROT_WRITE
-            rest = guard.SIZE - guard.CODE_PAGE
-            if self._syscall(tid, mm, inject.SYS_MPROTECT, g.base + guard.CODE_PAGE, rest, data):
-                return None
-            if not self._take_signal(mm, tid, g, guard.SIGTRAP, guard.OLD_ACT, guard.NEW_ACT):
-                return None
-            g.installed = True
-        if ill and not g.ill_installed:
-            if not self._take_signal(mm, tid, g, guard.SIGILL, guard.OLD_ILL, guard.NEW_ILL):
-                return None
-            g.ill_installed = True
-        return g
-
-    def _take_signal(self, mm: AddressSpace, tid: int, g: guard.Guard, sig: int, old: int, new: int) -> bool:
-        """Save the program's disposition of `sig` at g.base+old and make the guard's handler it."""
-        if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, sig, 0, g.base + old, 8) < 0:
-            return False
-        _, old_flags, _, _ = guard.parse_sigaction(mm.read(g.base + old, 32))
-        mm.write(g.base + new, guard.guard_action(g.base, old_flags))
-        return self._syscall(tid, mm, inject.SYS_RT_SIGACTION, sig, g.base + new, 0, 8) >= 0
-
-    def _guard_site(self, mm: AddressSpace, tid: int, addr: int, slot: int, length: int) -> None:
-        """Tell mm's guard where the traps about to be written over the `length` bytes at addr (int3s,
-        or UD over a 1-byte instruction) continue: the probe's slot."""
-        g = self._guard(mm, tid, ill=length == 1)
-        if g is None:
-            return
-        opcode = guard.INT3 if length > 1 else guard.UD
-        for trap in range(addr, addr + length):
-            entry = g.site_entry(trap, slot, addr, opcode)
-            if entry is not None:
-                mm.write(*entry)
-        mm.write(*g.nsites_bytes())
-
-    def _unguard(self, mm: AddressSpace, tid: int) -> None:
-        """Put the program's SIGTRAP disposition back (unless it set one of its own meanwhile) and unmap
-        the guard area: the last syscall pmu runs in mm. Every int3 of ours must be gone already."""
-        g = mm.guard
-        if g is None:
-            return
-        taken = [(guard.SIGTRAP, guard.OLD_ACT)] if g.installed else []
-        taken += [(guard.SIGILL, guard.OLD_ILL)] if g.ill_installed else []
-        for sig, old in taken:
-            query = g.base + guard.QUERY
-            if self._syscall(tid, mm, inject.SYS_RT_SIGACTION, sig, 0, query, 8) >= 0:
-                handler, _, _, _ = guard.parse_sigaction(mm.read(query, 32))
-                if handler == g.base + guard.CODE:
-                    self._syscall(tid, mm, inject.SYS_RT_SIGACTION, sig, g.base + old, 0, 8)
-        mm.guard = None
-        _, signals = inject.munmap(tid, mm, g.base, guard.SIZE)  # not through the stub it unmaps
-        for sig in signals:
-            self.pending.append((tid, (sig << 8) | 0x7F))
-
-    def remove(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None:
-        """Drop `consumer` from the int3 at `addr`; restore the original byte when it was the last."""
-        bp = mm.breakpoints.get(addr)
-        if bp is None:
-            return
-        with contextlib.suppress(ValueError):
-            bp.consumers.remove(consumer)
-        if not bp.consumers:
-            self._restore(mm, bp)
-
-    def _restore(self, mm: AddressSpace, bp: Breakpoint) -> None:
-        del mm.breakpoints[bp.addr]
-        mm.internal.pop(bp.addr, None)
-        if mm.dead:
-            return
-        with self.stopped(mm):
-            with contextlib.suppress(OSError):
-                _write_first_byte_last(mm, bp.addr, bp.orig)
-            mm.removed.add(bp.addr)
-
-    def forget_mapping(self, mm: AddressSpace, addr: int) -> None:
-        """The code at `addr` was unmapped: drop its breakpoint without writing anything."""
-        mm.jumps.pop(addr, None)
-        bp = mm.breakpoints.pop(addr, None)
-        if bp is not None:
-            bp.consumers.clear()
-            mm.internal.pop(addr, None)
-        length = bp.length if bp is not None else 1
-        for trap in range(addr, addr + length):
-            entry = mm.guard.forget_site(trap) if mm.guard is not None else None
-            if entry is not None:
-                with contextlib.suppress(OSError):
-                    mm.write(*entry)
-
-    def collect(self, mm: AddressSpace) -> None:
-        """Restore every breakpoint and jump patch of mm that nothing holds (after a fork)."""
-        for bp in [b for b in mm.breakpoints.values() if not b.consumers]:
-            self._restore(mm, bp)
-        for patch in [p for p in mm.jumps.values() if p.users <= 0]:
-            del mm.jumps[patch.addr]
-            with contextlib.suppress(OSError):
-                mm.write(patch.addr, patch.orig)
-
-    def _alloc_slot(self, mm: AddressSpace, addr: int, tid: int, size: int = SLOT_SIZE) -> int:
-        size = -(-size // SLOT_SIZE) * SLOT_SIZE
-        for area in mm.areas:
-            if abs(area.base - addr) < NEAR and area.used + size <= area.size:
-                slot = area.base + area.used
-                area.used += size
-                return slot
-        maps = mm.maps()
-        for _ in range(8):
-            hint = free_gap_near(maps, addr, AREA_SIZE)
-            if hint is None:
-                break
-            prot = inject.PROT_READ | inject.PROT_EXEC
-            flags = inject.MAP_PRIVATE | inject.MAP_ANONYMOUS | inject.MAP_FIXED_NOREPLACE
-            base = self._syscall(tid, mm, inject.SYS_MMAP, hint, AREA_SIZE, prot, flags, -1, 0)
-            if base == hint:
-                mm.areas.append(SlotArea(base, AREA_SIZE, size))
-                return base
-            if base > 0 and base < 1 << 47:  # mapped elsewhere: give it back
-                self._syscall(tid, mm, inject.SYS_MUNMAP, base, AREA_SIZE)
-            maps = mm.maps()
-        raise TraceError(f"cannot map an out-of-line area near {addr:#x} in process {mm.pid}")
 
     # ---- stopping and resuming ------------------------------------------------------------------
 
@@ -1322,7 +802,7 @@ class Tracer:
             self._step_out_of_slots(t, deliver)
         for bp in list(mm.breakpoints.values()):
             with contextlib.suppress(OSError):
-                _write_first_byte_last(mm, bp.addr, bp.orig)
+                write_first_byte_last(mm, bp.addr, bp.orig)
         for patch in mm.jumps.values():
             with contextlib.suppress(OSError):
                 mm.write(patch.addr, patch.orig)
@@ -1431,20 +911,3 @@ def _blocked(tid: int) -> set[int]:
         return set(range(1, 65))
     mask = int(value, 16)
     return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
-
-
-def _write_first_byte_first(mm: AddressSpace, addr: int, trap: bytes) -> None:
-    """Write a probe's traps over an instruction: the trap at its first byte first, in a write of its
-    own, so that a pmu killed between the writes leaves a trap the guard handles, never the original
-    first byte followed by int3s (an instruction that is neither)."""
-    mm.write(addr, trap[:1])
-    if len(trap) > 1:
-        mm.write(addr + 1, trap[1:])
-
-
-def _write_first_byte_last(mm: AddressSpace, addr: int, orig: bytes) -> None:
-    """Put an instruction back from under its traps: its tail while the first byte still traps, then
-    the first byte (see _write_first_byte_first)."""
-    if len(orig) > 1:
-        mm.write(addr + 1, orig[1:])
-    mm.write(addr, orig[:1])

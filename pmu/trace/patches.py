@@ -1,0 +1,236 @@
+"""Jump-optimized probes and the memory pmu shares with a tracee.
+
+A jump patch replaces a function's first instructions by a jmp to a counting trampoline in the tracee
+(trampoline.py), so a hit costs no stop. The trampolines count into a counter area and record into a
+ring; both are memfds the tracee makes and maps shared, and pmu maps too (`_shared_memfd`, the one
+routine for both), so counts and records stay readable after the tracee exec'd or died.
+
+A mixin of the Tracer (pmu/trace/tracer.py), as breakpoints.py is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from pmu.errors import RelocationError, TraceError
+from pmu.ring import ClockKind, Ring, ThreadKind
+from pmu.trace import inject, trampoline
+from pmu.trace import ptrace_ops as pt
+from pmu.trace.breakpoints import INT3
+from pmu.trace.patchsafety import PatchPlan
+from pmu.trace.relocate import SLOT_SIZE, relocate_run
+from pmu.trace.tasks import AddressSpace, CounterArea, JumpPatch, Task, TaskState, TraceeRing
+
+
+class _Shared(Protocol):
+    """pmu's side of a shared memfd: its size, and closing it (mapping and descriptor)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Shared)
+
+
+class Patches:
+    """The tracer's jump patches, counter areas and tracee rings (mixed into Tracer)."""
+
+    early: dict[int, int]
+    ring_shape: tuple[int, int] | None
+    rings: list[Ring]
+
+    if TYPE_CHECKING:  # the Tracer's, which this class is mixed into
+
+        def stopped(self, mm: AddressSpace) -> contextlib.AbstractContextManager[int]: ...
+
+        def _alloc_slot(self, mm: AddressSpace, addr: int, tid: int, size: int = SLOT_SIZE) -> int: ...
+
+        def _syscall(self, tid: int, mm: AddressSpace, nr: int, *args: int) -> int: ...
+
+    def counters(self, mm: AddressSpace, near: int) -> CounterArea:
+        """The counter area of mm: a memfd pmu maps too, mapped shared into the tracee on first use."""
+        if mm.counters is None:
+            with self.stopped(mm) as tid:
+                mm.counters = self._map_counters(mm, tid, near)
+        return mm.counters
+
+    def _map_counters(self, mm: AddressSpace, tid: int, near: int, fixed: int | None = None) -> CounterArea:
+        """A new counter area of mm (at `fixed`, where a forked child's parent has its own)."""
+
+        def own(fd: int) -> CounterArea:
+            os.ftruncate(fd, trampoline.AREA_BYTES)
+            area = CounterArea(fd, mmap.mmap(fd, trampoline.AREA_BYTES), 0, trampoline.AREA_BYTES)
+            area.set_pid(mm.pid)
+            return area
+
+        area, address = self._shared_memfd(mm, tid, near, "counter area", own, 0, fixed)
+        area.address = address
+        return area
+
+    def tracee_ring(self, mm: AddressSpace, near: int) -> TraceeRing:
+        """The ring mm's recording trampolines write into: made on first use, like the counter area (pmu
+        formats it and keeps its own mapping)."""
+        if mm.ring is not None:
+            return mm.ring
+        if self.ring_shape is None:
+            raise TraceError("no ring for recording trampolines (not recording)")
+        pages, nevents = self.ring_shape
+
+        def own(fd: int) -> Ring:
+            return Ring.format(fd, pages, nevents, clock=ClockKind.TSC, thread=ThreadKind.FS_BASE)
+
+        with self.stopped(mm) as tid:
+            # Populated now: a page fault per 32 records would more than double the cost of a hit.
+            ring, addr = self._shared_memfd(mm, tid, near, "ring", own, inject.MAP_POPULATE)
+        self.rings.append(ring)
+        mm.ring = TraceeRing(ring, addr, ring.size)
+        return mm.ring
+
+    def _shared_memfd(
+        self,
+        mm: AddressSpace,
+        tid: int,
+        near: int,
+        what: str,
+        own: Callable[[int], S],
+        flags: int,
+        fixed: int | None = None,
+    ) -> tuple[S, int]:
+        """The one way pmu shares memory with a tracee (stopped thread tid of mm): the tracee makes a
+        memfd, so it may run as any user; pmu takes a copy of the descriptor with pidfd_getfd (the ptrace
+        right is enough) and `own(fd)` sizes and maps pmu's side (owning fd once it returns); the tracee
+        maps it shared (with `flags`, at `fixed`) and closes its descriptor. Returns (what own made, the
+        tracee's address); nothing is left, on either side, if a step fails."""
+        label = f"pmu-{what.replace(' ', '-')}".encode() + b"\0"
+        scratch = self._alloc_slot(mm, near, tid, len(label))
+        mm.write(scratch, label)
+        tfd = self._syscall(tid, mm, inject.SYS_MEMFD_CREATE, scratch, inject.MFD_CLOEXEC)
+        if tfd < 0:
+            raise TraceError(f"cannot make a {what} in process {mm.pid}: {os.strerror(-tfd)}")
+        try:
+            fd = pt.fd_of(mm.pid, tfd)
+            try:
+                shared = own(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            prot = inject.PROT_READ | inject.PROT_WRITE
+            flags |= inject.MAP_SHARED | (inject.MAP_FIXED if fixed else 0)
+            addr = self._syscall(tid, mm, inject.SYS_MMAP, fixed or 0, shared.size, prot, flags, tfd, 0)
+            if addr < 0 or (fixed and addr != fixed):
+                shared.close()
+                reason = os.strerror(-addr) if addr < 0 else f"not at {fixed:#x}"
+                raise TraceError(f"cannot map a {what} in process {mm.pid}: {reason}")
+            return shared, addr
+        finally:
+            self._syscall(tid, mm, inject.SYS_CLOSE, tfd)
+
+    def jump_patch(
+        self,
+        mm: AddressSpace,
+        addr: int,
+        plan: PatchPlan,
+        record: tuple[int, int, int] | None = None,
+        enabled: bool = False,
+    ) -> JumpPatch:
+        """Replace the instructions `plan` displaces at addr by a jump to a counting trampoline (which
+        also records hits into mm's ring with `record` = (event index, number of args, period)),
+        counting from the moment the jump is written if `enabled`.
+
+        Every thread is stopped; one whose RIP lies inside the displaced instructions is moved to the
+        matching instruction of the trampoline. An existing patch at addr (a forked child's copy) is
+        re-owned instead.
+        """
+        patch = mm.jumps.get(addr)
+        if patch is not None:
+            patch.users += 1
+            return patch
+        for other in mm.breakpoints:
+            if addr < other < addr + plan.length:
+                raise RelocationError(f"another probe at {other:#x} lies inside the bytes to patch")
+        area = self.counters(mm, addr)
+        spec = None
+        if record is not None:
+            ring = self.tracee_ring(mm, addr).address
+            spec = trampoline.RecordSpec(ring, record[0], addr, record[1], record[2])
+        column = mm.columns
+        if column >= trampoline.NSITES:
+            raise RelocationError(f"more than {trampoline.NSITES} optimized probes in one process")
+        with self.stopped(mm) as tid:
+            code = mm.read(addr, plan.length + 16)
+            if code[:1] == INT3:
+                raise RelocationError(f"there is already an int3 at {addr:#x}")
+            head = len(trampoline.counting_trampoline(area.address, column, spec))
+            tramp = self._alloc_slot(mm, addr, tid, head + 16 * plan.count + 64)
+            body, _, placed = relocate_run(code, addr, tramp + head, plan.count)
+            moves = [(offset, tramp + head + at) for offset, at in zip(plan.boundaries, placed, strict=True)]
+            tr = trampoline.build(area.address, column, body, tramp, addr + plan.length, spec, mm.locked)
+            mm.write(tramp, tr.code)
+            for t in mm.tasks:
+                if t.state is TaskState.STOPPED:
+                    rip = pt.peek_user(t.tid, pt.RIP)
+                    for offset, target in moves:
+                        if offset and rip == addr + offset:
+                            pt.poke_user(t.tid, pt.RIP, target)
+            area.set_enabled(column, enabled)  # before any thread can enter
+            rel = tramp - (addr + 5)
+            mm.write(addr, b"\xe9" + rel.to_bytes(4, "little", signed=True) + INT3 * (plan.length - 5))
+            patch = JumpPatch(addr, code[: plan.length], tramp, column, tuple(moves), lock_at=tramp + tr.lock)
+            mm.jumps[addr] = patch
+            mm.columns += 1
+        return patch
+
+    def unpatch(self, mm: AddressSpace, addr: int) -> None:
+        """Drop one user of the jump patch at addr; the last one puts the original bytes back.
+
+        A thread inside the trampoline finishes its way through it (the trampoline stays mapped)."""
+        patch = mm.jumps.get(addr)
+        if patch is None:
+            return
+        patch.users -= 1
+        if patch.users > 0:
+            return
+        del mm.jumps[addr]
+        if not mm.dead:
+            with self.stopped(mm), contextlib.suppress(OSError):
+                mm.write(addr, patch.orig)
+
+    def _own_counters(self, child: Task, shared: CounterArea) -> None:
+        """A forked child counts in a counter area of its own, mapped where the parent's was."""
+        if child.tid not in self.early:
+            _, status = pt.wait(child.tid)
+            self.early[child.tid] = status
+        state, child.state = child.state, TaskState.STOPPED
+        try:
+            near = child.mm.areas[0].base if child.mm.areas else shared.address
+            own = self._map_counters(child.mm, child.tid, near, fixed=shared.address)
+            own.copy_enabled(shared)  # counting as its parent was: same probes enabled, no counts yet
+            child.mm.counters = own
+        finally:
+            child.state = state
+
+    def _check_shared_fs(self, task: Task) -> None:
+        """Two live threads with one FS base (a clone without CLONE_SETTLS) share a counter row: from
+        now on every trampoline of their address space increments it with a lock (trampoline.LOCK).
+        Checked at a thread's first stop, before it has run any code. A vfork child is left out: it
+        has its parent's TLS, but the parent is suspended until the child execs or exits."""
+        mm = task.mm
+        fs = task.fs_base
+        if mm.locked or not fs or task.pid != mm.pid:
+            return
+        live = (TaskState.EXITED, TaskState.EXITING)
+        if not any(
+            t is not task and t.fs_base == fs and t.pid == mm.pid and t.state not in live for t in mm.tasks
+        ):
+            return
+        mm.locked = True
+        if mm.jumps:
+            with self.stopped(mm):
+                for patch in mm.jumps.values():
+                    mm.write(patch.lock_at, bytes([trampoline.LOCK]))

@@ -1,0 +1,119 @@
+"""Return probes: a function's return address is hijacked at its entry so that its return traps.
+
+The return address at [RSP] is replaced by the address of an int3 pmu maps (the return trampoline) and
+kept on the thread's shadow stack, as the kernel's uretprobes do; at the trap the frame's handler runs
+and the thread goes on at the real return address. Every address is put back before a thread leaves
+pmu's care (`_unhijack`), and the trap guard knows the frames should pmu die (guard.py).
+
+A mixin of the Tracer (pmu/trace/tracer.py), as breakpoints.py is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+from pmu.errors import TraceError
+from pmu.trace import guard
+from pmu.trace import ptrace_ops as pt
+from pmu.trace.breakpoints import INT3
+from pmu.trace.relocate import SLOT_SIZE
+from pmu.trace.tasks import AddressSpace, ReturnFrame, ReturnHandler, Task, TaskState
+
+
+class Returns:
+    """The tracer's return hijacking (mixed into Tracer)."""
+
+    if TYPE_CHECKING:  # the Tracer's, which this class is mixed into
+
+        def stopped(self, mm: AddressSpace) -> contextlib.AbstractContextManager[int]: ...
+
+        def _alloc_slot(self, mm: AddressSpace, addr: int, tid: int, size: int = SLOT_SIZE) -> int: ...
+
+        def _guard(self, mm: AddressSpace, tid: int, ill: bool = False) -> guard.Guard | None: ...
+
+    def return_trampoline(self, mm: AddressSpace, near: int) -> int:
+        """The int3 hijacked returns land on in mm (made on first use, with every thread stopped)."""
+        if mm.ret_tramp is None:
+            with self.stopped(mm) as tid:
+                slot = self._alloc_slot(mm, near, tid)
+                g = self._guard(mm, tid)
+                if g is not None:
+                    mm.write(g.base + guard.RET_TRAMP, slot.to_bytes(8, "little"))
+                mm.write(slot, INT3 * 2)  # the second for a trap dropped as pmu dies (guard.py)
+                mm.ret_tramp = slot
+        return mm.ret_tramp
+
+    def hijack_return(self, task: Task, handler: ReturnHandler) -> None:
+        """At a function's entry: make its return trap, so that `handler` runs when it returns.
+
+        The return address at [RSP] is replaced by the trampoline and kept on the task's shadow stack
+        (as the kernel's uretprobes do). Frames left without returning (longjmp) are dropped when a
+        later entry or return finds them below the stack pointer.
+        """
+        mm = task.mm
+        tramp = mm.ret_tramp
+        if tramp is None:
+            return
+        rsp = pt.peek_user(task.tid, pt.RSP)
+        orig = int.from_bytes(mm.read(rsp, 8), "little")
+        shadow = task.shadow
+        chained = orig == tramp
+        if chained:
+            while shadow and shadow[-1].rsp < rsp:
+                shadow.pop()
+            if not shadow:  # not one of ours after all: leave it alone
+                return
+        else:
+            while shadow and shadow[-1].rsp <= rsp:
+                self._drop_frame(mm, shadow.pop())
+            entry = mm.guard.frame_entry(rsp, orig) if mm.guard is not None else None
+            if entry is not None:
+                mm.write(*entry)  # first: the slot is never the trampoline without its entry
+            mm.write(rsp, tramp.to_bytes(8, "little"))
+        shadow.append(ReturnFrame(rsp, orig, handler, time.monotonic_ns(), chained))
+
+    def arguments(self, task: Task, n: int) -> tuple[int, ...]:
+        """The first n integer arguments (x86-64 SysV: rdi, rsi, rdx, rcx, r8, r9) of a stopped task."""
+        regs = pt.get_regs(task.tid)
+        return (regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9)[:n]
+
+    def _returned(self, task: Task, run_handlers: bool = True) -> int:
+        """A hijacked return trapped (or is about to): pop its frames, running their handlers unless
+        pmu is leaving, and return the real return address."""
+        slot = pt.peek_user(task.tid, pt.RSP) - 8
+        shadow = task.shadow
+        while shadow and shadow[-1].rsp < slot:
+            self._drop_frame(task.mm, shadow.pop())  # frames longjmp'd over
+        if not shadow:
+            raise TraceError(
+                f"thread {task.tid} returned through pmu's trampoline with no frame to return to"
+            )
+        retval = pt.peek_user(task.tid, pt.RAX) if run_handlers else 0
+        while True:
+            frame = shadow.pop()
+            self._drop_frame(task.mm, frame)
+            if run_handlers:
+                frame.handler(task, frame, retval)
+            if not (frame.chained and shadow):
+                return frame.orig
+
+    def _unhijack(self, task: Task) -> None:
+        """Put back every return address of task's shadow stack (before it leaves our care)."""
+        mm = task.mm
+        tramp = mm.ret_tramp
+        if tramp is None or not task.shadow:
+            return
+        if task.state is TaskState.STOPPED and pt.peek_user(task.tid, pt.RIP) == tramp:
+            pt.poke_user(task.tid, pt.RIP, self._returned(task, run_handlers=False))
+        for frame in task.shadow:
+            if not frame.chained and mm.read(frame.rsp, 8) == tramp.to_bytes(8, "little"):
+                mm.write(frame.rsp, frame.orig.to_bytes(8, "little"))
+            self._drop_frame(mm, frame)
+        task.shadow.clear()
+
+    @staticmethod
+    def _drop_frame(mm: AddressSpace, frame: ReturnFrame) -> None:
+        if mm.guard is not None and not frame.chained:
+            mm.guard.drop_frame(frame.rsp)
