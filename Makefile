@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m compileall -q pmu >/dev/null  # bytecode once, even where PYTHONDONTWRITEBYTECODE is set
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -57,6 +58,7 @@ bench: $(STAMP) .tools
 	$(PY) benchmarks/bench_stat.py --results benchmarks/RESULTS.md
 	$(PY) benchmarks/bench_record.py --results benchmarks/RESULTS.md
 	$(PY) benchmarks/bench_optimized.py --results benchmarks/RESULTS.md
+	$(PY) benchmarks/bench_system_wide.py --results benchmarks/RESULTS.md
 
 clean:
 	rm -rf build .tools .pytest_cache .mypy_cache .ruff_cache

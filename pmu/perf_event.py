@@ -119,6 +119,22 @@ class Reading:
     running: int
 
 
+def close_all(fds: list[int]) -> None:
+    """Close event descriptors at once: closing a uprobe event waits for the kernel to unregister it (tens
+    of ms each, measured here), and waits made side by side end together instead of one after another."""
+    if len(fds) < 2:
+        for fd in fds:
+            os.close(fd)
+        return
+    import threading
+
+    threads = [threading.Thread(target=os.close, args=(fd,)) for fd in fds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def read_counter(fd: int) -> Reading:
     """The counter's value and times."""
     data = os.read(fd, 24)
