@@ -58,6 +58,8 @@ class Patches:
         if mm.counters is None:
             with self.stopped(mm) as tid:
                 mm.counters = self._map_counters(mm, tid, near)
+            if mm.locked:
+                mm.counters.lock()
         return mm.counters
 
     def _map_counters(self, mm: AddressSpace, tid: int, near: int, fixed: int | None = None) -> CounterArea:
@@ -66,7 +68,7 @@ class Patches:
         def own(fd: int) -> CounterArea:
             os.ftruncate(fd, trampoline.AREA_BYTES)
             area = CounterArea(fd, mmap.mmap(fd, trampoline.AREA_BYTES), 0, trampoline.AREA_BYTES)
-            area.set_pid(mm.pid)
+            area.format(mm.pid)
             return area
 
         area, address = self._shared_memfd(mm, tid, near, "counter area", own, 0, fixed)
@@ -167,7 +169,7 @@ class Patches:
             if code[:1] == INT3:
                 raise RelocationError(f"there is already an int3 at {addr:#x}")
             head = len(trampoline.counting_trampoline(area.address, column, spec))
-            tramp = self._alloc_slot(mm, addr, tid, head + 16 * plan.count + 64)
+            tramp = self._alloc_slot(mm, addr, tid, head + 16 * plan.count + 64 + trampoline.SLOW_PATH_BYTES)
             body, _, placed = relocate_run(code, addr, tramp + head, plan.count)
             moves = [(offset, tramp + head + at) for offset, at in zip(plan.boundaries, placed, strict=True)]
             tr = trampoline.build(area.address, column, body, tramp, addr + plan.length, spec, mm.locked)
@@ -181,7 +183,8 @@ class Patches:
             area.set_enabled(column, enabled)  # before any thread can enter
             rel = tramp - (addr + 5)
             mm.write(addr, b"\xe9" + rel.to_bytes(4, "little", signed=True) + INT3 * (plan.length - 5))
-            patch = JumpPatch(addr, code[: plan.length], tramp, column, tuple(moves), lock_at=tramp + tr.lock)
+            lock_at = tramp + tr.lock if tr.lock else 0
+            patch = JumpPatch(addr, code[: plan.length], tramp, column, tuple(moves), lock_at=lock_at)
             mm.jumps[addr] = patch
             mm.columns += 1
         return patch
@@ -230,7 +233,10 @@ class Patches:
         ):
             return
         mm.locked = True
-        if mm.jumps:
+        if mm.counters is not None:
+            mm.counters.lock()  # the fast paths' (a byte each, read at every hit)
+        if any(patch.lock_at for patch in mm.jumps.values()):
             with self.stopped(mm):
                 for patch in mm.jumps.values():
-                    mm.write(patch.lock_at, bytes([trampoline.LOCK]))
+                    if patch.lock_at:  # a classic trampoline's nop becomes a lock prefix
+                        mm.write(patch.lock_at, bytes([trampoline.LOCK]))

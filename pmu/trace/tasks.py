@@ -172,18 +172,33 @@ class CounterArea:
             rows[index] = 0
             keys[index] = 0
 
+    locked: bool = False
+    """Two live threads share an FS base (so a row): every enabled site is ON_LOCKED, which sends the
+    flag-free fast path to its slow path, whose row increment is locked (trampoline.py)."""
+
     def set_enabled(self, column: int, on: bool) -> None:
         """Whether the site of `column` counts (its trampoline tests this byte first)."""
-        self.mem[trampoline.ENABLED + column] = 1 if on else 0
+        value = (trampoline.ON_LOCKED if self.locked else trampoline.ON) if on else 0
+        self.mem[trampoline.ENABLED + column] = value
+
+    def lock(self) -> None:
+        """From now on every hit's row increment is locked (see `locked`)."""
+        self.locked = True
+        for column in range(trampoline.NSITES):
+            if self.mem[trampoline.ENABLED + column]:
+                self.mem[trampoline.ENABLED + column] = trampoline.ON_LOCKED
 
     def copy_enabled(self, other: CounterArea) -> None:
         """Every site enabled as in `other` (a forked child's own area, from its parent's)."""
         enabled = slice(trampoline.ENABLED, trampoline.ENABLED + trampoline.NSITES)
         self.mem[enabled] = other.mem[enabled]
+        self.locked = other.locked
 
-    def set_pid(self, pid: int) -> None:
-        """The pid recording trampolines put in their records (a forked child's own)."""
+    def format(self, pid: int) -> None:
+        """A new area's constants: the pid recording trampolines put in their records (a forked child's
+        own), and row 0 reserved (trampoline.RESERVED)."""
         self.mem[trampoline.PID : trampoline.PID + 4] = pid.to_bytes(4, "little")
+        self.mem[trampoline.KEYS : trampoline.KEYS + 8] = trampoline.RESERVED.to_bytes(8, "little")
 
     def close(self) -> None:
         with contextlib.suppress(BufferError, ValueError):

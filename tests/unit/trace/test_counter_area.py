@@ -63,7 +63,7 @@ def test_unowned_counts_strangers_rows_and_misses_of_the_given_columns() -> None
     area.close()
 
 
-def test_enabled_flags_and_pid() -> None:
+def test_enabled_flags_and_format() -> None:
     parent, child = _area(), _area()
     parent.set_enabled(0, True)
     parent.set_enabled(5, True)
@@ -72,7 +72,8 @@ def test_enabled_flags_and_pid() -> None:
     child.copy_enabled(parent)
     flags = child.mem[trampoline.ENABLED : trampoline.ENABLED + trampoline.NSITES]
     assert [i for i, b in enumerate(flags) if b] == [0, 63]
-    child.set_pid(123456)
+    child.format(123456)
     assert struct.unpack_from("<I", child.mem, trampoline.PID)[0] == 123456
+    assert struct.unpack_from("<Q", child.mem, trampoline.KEYS)[0] == trampoline.RESERVED  # row 0
     parent.close()
     child.close()

@@ -1,4 +1,6 @@
-"""The counting trampoline is generated from one template: disassemble it and check every step."""
+"""The counting trampoline is generated from one template: disassemble it and check every step. These are
+the classic trampolines (flags saved with pushfq), which recording always uses and counting uses on CPUs
+without BMI2; test_fast_trampoline.py has the flag-free fast path."""
 
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ from pmu.trace.trampoline import (
 )
 
 AREA = 0x7F12_3456_7000
+
+
+@pytest.fixture(autouse=True)
+def classic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The classic trampoline, whatever this machine's CPU."""
+    monkeypatch.setattr(trampoline, "fast_path", lambda: False)
 
 
 def _num(v: int) -> str:
