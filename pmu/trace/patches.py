@@ -60,6 +60,7 @@ class Patches:
                 mm.counters = self._map_counters(mm, tid, near)
             if mm.locked:
                 mm.counters.lock()
+            self._check_identity(mm)
         return mm.counters
 
     def _map_counters(self, mm: AddressSpace, tid: int, near: int, fixed: int | None = None) -> CounterArea:
@@ -218,6 +219,24 @@ class Patches:
         finally:
             child.state = state
 
+    def _check_identity(self, mm: AddressSpace, new: Task | None = None) -> None:
+        """Whether mm's fast paths may read a thread's identity from its TCB (fs:[0], about 2 ns a hit
+        cheaper than rdfsbase here): while every thread of mm has an FS base whose first word is the FS
+        base itself (the self pointer of glibc's and musl's TCB). A thread with no TLS yet (FS base 0, as
+        from an exec until ld.so sets it up) or another runtime's makes it rdfsbase for all. Checked when
+        the area is made, at a thread's first stop (before it runs) and whenever pmu sees a thread's FS
+        base change (`new`: while the TCB is used, that thread alone can break it; otherwise all are
+        looked at again). A thread that moved its FS base to unmapped memory without pmu seeing it stop
+        would fault at a probe: runtimes point FS at their TLS."""
+        area = mm.counters
+        if area is None or os.environ.get("PMU_NO_TCB"):
+            return
+        if new is not None and area.tcb:
+            area.set_tcb(_own_tcb(mm, new))
+            return
+        gone = (TaskState.EXITED, TaskState.EXITING)
+        area.set_tcb(all(_own_tcb(mm, t) for t in mm.tasks if t.state not in gone and t.pid == mm.pid))
+
     def _check_shared_fs(self, task: Task) -> None:
         """Two live threads with one FS base (a clone without CLONE_SETTLS) share a counter row: from
         now on every trampoline of their address space increments it with a lock (trampoline.LOCK).
@@ -240,3 +259,14 @@ class Patches:
                 for patch in mm.jumps.values():
                     if patch.lock_at:  # a classic trampoline's nop becomes a lock prefix
                         mm.write(patch.lock_at, bytes([trampoline.LOCK]))
+
+
+def _own_tcb(mm: AddressSpace, task: Task) -> bool:
+    """Whether the task's FS base (as last seen) is non-zero and its first word points to itself."""
+    fs = task.fs_base
+    if not fs:
+        return False
+    try:
+        return mm.read(fs, 8) == fs.to_bytes(8, "little")
+    except OSError:
+        return False

@@ -175,24 +175,41 @@ class CounterArea:
     locked: bool = False
     """Two live threads share an FS base (so a row): every enabled site is ON_LOCKED, which sends the
     flag-free fast path to its slow path, whose row increment is locked (trampoline.py)."""
+    tcb: bool = False
+    """Every thread's FS base points to its own TCB (whose first word is its address): enabled sites are
+    ON_TCB, and fast paths read the identity with a load (fs:[0]) instead of rdfsbase."""
+
+    def _value(self) -> int:
+        if self.locked:
+            return trampoline.ON_LOCKED
+        return trampoline.ON_TCB if self.tcb else trampoline.ON
 
     def set_enabled(self, column: int, on: bool) -> None:
         """Whether the site of `column` counts (its trampoline tests this byte first)."""
-        value = (trampoline.ON_LOCKED if self.locked else trampoline.ON) if on else 0
-        self.mem[trampoline.ENABLED + column] = value
+        self.mem[trampoline.ENABLED + column] = self._value() if on else 0
+
+    def _rewrite(self) -> None:
+        value = self._value()
+        for column in range(trampoline.NSITES):
+            if self.mem[trampoline.ENABLED + column]:
+                self.mem[trampoline.ENABLED + column] = value
 
     def lock(self) -> None:
         """From now on every hit's row increment is locked (see `locked`)."""
         self.locked = True
-        for column in range(trampoline.NSITES):
-            if self.mem[trampoline.ENABLED + column]:
-                self.mem[trampoline.ENABLED + column] = trampoline.ON_LOCKED
+        self._rewrite()
+
+    def set_tcb(self, ok: bool) -> None:
+        """Whether fast paths may take a thread's identity from its TCB (see `tcb`)."""
+        if ok != self.tcb:
+            self.tcb = ok
+            self._rewrite()
 
     def copy_enabled(self, other: CounterArea) -> None:
         """Every site enabled as in `other` (a forked child's own area, from its parent's)."""
         enabled = slice(trampoline.ENABLED, trampoline.ENABLED + trampoline.NSITES)
         self.mem[enabled] = other.mem[enabled]
-        self.locked = other.locked
+        self.locked, self.tcb = other.locked, other.tcb
 
     def format(self, pid: int) -> None:
         """A new area's constants: the pid recording trampolines put in their records (a forked child's

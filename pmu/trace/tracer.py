@@ -238,8 +238,8 @@ class Tracer(Breakpoints, Patches, Returns):
         """Arm the dynamic linker hook in the task's image if a probe waits for a file to be mapped,
         and let every thread of it run. (Attached to a process whose probed files are all mapped, no
         int3 is left in it: with jump patches only, it survives even a SIGKILL of pmu.)"""
-        if self.listener.awaits_mappings(task.mm):
-            self._hook_rtld(task)
+        if self.listener.awaits_mappings(task.mm) or not task.fs_base:
+            self._hook_rtld(task)  # (no TLS yet: ld.so's first r_brk call comes once it is set up)
         self.listener.maps_changed(task.mm)
         self._watch_startup(task)
         for t in list(task.mm.tasks):
@@ -342,12 +342,14 @@ class Tracer(Breakpoints, Patches, Returns):
                     task.fs_base = fs
                     if self.on_fs_base is not None:
                         self.on_fs_base(task)
+                    self._check_identity(task.mm, task)
         return task.fs_base
 
     def _event(self, task: Task, event: int, sig: int) -> None:
         if event == pt.EVENT_STOP:
             self.fs_base(task)
             self._check_shared_fs(task)
+            self._check_identity(task.mm, task)
             if task.detach_on_stop:
                 self._detach_task(task)
                 return
@@ -486,6 +488,7 @@ class Tracer(Breakpoints, Patches, Returns):
         task.mm = AddressSpace(task.tid)
         task.mm.tasks.add(task)
         self._leave_exec_syscall(task)
+        self.fs_base(task)  # the new image's (0 until ld.so sets up TLS), not the old one's
 
     def _leave_exec_syscall(self, task: Task) -> None:
         """At its exec stop a thread is still inside execve, whose return value the kernel writes to rax

@@ -171,7 +171,7 @@ def lock_offset(code: bytes, site: int) -> int:
 
 JRCXZ = b"\xe3"
 """jrcxz rel8: a branch on rcx == 0 that neither reads nor writes the flags."""
-ON, ON_LOCKED = 1, 2
+ON, ON_LOCKED, ON_TCB = 1, 2, 3
 """A site's enabled byte: 0 off, ON, or ON_LOCKED once two live threads share an FS base (a clone
 without CLONE_SETTLS): the flag-free fast path then leaves every hit to its slow path, whose row
 increment is locked."""
@@ -222,9 +222,11 @@ def _fast_head(area: int, site: int) -> list[_Insn]:
         ("", JRCXZ, "done"),  # jrcxz done                off: count nothing
         ("", b"\x8d\x49" + _i8(-ON_LOCKED), None),  # lea ecx, [rcx-ON_LOCKED]
         ("", JRCXZ, "to_slow"),  # jrcxz to_slow             locked: the slow path's lock inc
-        ("", b"\xf3\x48\x0f\xae\xc0", None),  # rdfsbase rax              this thread's identity
+        ("", b"\x8d\x49" + _i8(ON_LOCKED - ON), None),  # lea ecx, [rcx+ON_LOCKED-ON]
+        ("", JRCXZ, "rdfs"),  # jrcxz rdfs                ON: the FS base from rdfsbase
+        ("", b"\x64\x48\x8b\x04\x25" + _u32(0), None),  # mov rax, fs:[0]   ON_TCB: the TCB's self
         # No TLS yet (rax 0) hashes to row 0, whose key is RESERVED: not found, so the slow path's miss.
-        ("", b"\xc4\x63\xfb\xf0\xc0\x0c", None),  # rorx r8, rax, 12
+        ("have", b"\xc4\x63\xfb\xf0\xc0\x0c", None),  # rorx r8, rax, 12
         ("", b"\xb9" + _u32(64 - NSLOTS.bit_length() + 1), None),  # mov ecx, 64 - log2(NSLOTS)
         ("", b"\xc4\x42\xf1\xf7\xc0", None),  # shlx r8, r8, rcx
         ("", b"\xc4\x42\xf3\xf7\xc0", None),  # shrx r8, r8, rcx     r8 = (fs >> 12) & (NSLOTS-1)
@@ -233,6 +235,8 @@ def _fast_head(area: int, site: int) -> list[_Insn]:
         ("", b"\x48\x8d\x4c\x01\x01", None),  # lea rcx, [rcx+rax+1]     fs - owner
         ("", JRCXZ, "found"),  # jrcxz found               ours
         ("to_slow", b"\xe9" + _u32(0), None),  # jmp slow (rel32, set by build)
+        ("rdfs", b"\xf3\x48\x0f\xae\xc0", None),  # rdfsbase rax              this thread's identity
+        ("", b"\xeb", "have"),  # jmp have
         ("found", b"\xb9" + _u32(ROW_SHIFT), None),  # mov ecx, ROW_SHIFT
         ("", b"\xc4\x42\xf1\xf7\xc0", None),  # shlx r8, r8, rcx          the row's offset
         ("", b"\x4a\x8b\x8c\x02" + _u32(row), None),  # mov rcx, [rdx+r8+ROWS+8*site]

@@ -6,6 +6,7 @@ integration suite again with --no-optimize)."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pyarrow.parquet as pq
 import pytest
@@ -102,3 +103,15 @@ def test_thread_that_moves_its_fs_base(build):
     assert r.returncode == 0, r.stderr
     assert _said(r.stdout) == 6000
     assert stat_counts(r.stderr) == {EVENT: 6000}
+
+
+def test_thread_whose_fs_base_is_not_a_tcb(build):
+    """The fast path reads a thread's identity from its TCB (fs:[0]) while every thread pmu has seen has
+    one; a thread that then moves its FS base, unseen, to a block that is not a TCB (first word 0, or
+    another block's address) is counted through rdfsbase all the same, and runs as without pmu."""
+    exe = build("thread_ids")
+    bare = subprocess.run([exe, "foreign", "3000"], capture_output=True, text=True, timeout=60)
+    r = run_pmu("stat", "-x,", "-e", EVENT, "--", exe, "foreign", "3000")
+    assert r.returncode == bare.returncode == 0, r.stderr
+    assert r.stdout == bare.stdout and _said(r.stdout) == 12_000
+    assert stat_counts(r.stderr) == {EVENT: 12_000}

@@ -5,6 +5,8 @@
  *   thread_ids notls CALLS            a raw clone without CLONE_SETTLS: the child shares its parent's FS base
  *   thread_ids setfs CALLS            a thread calls f() CALLS times, then CALLS more with its FS base moved
  *                                     (arch_prctl) to a copy of its TLS block, then CALLS more with it back
+ *   thread_ids foreign CALLS          like setfs, but the block its FS base moves to is not a TCB: its first
+ *                                     word is 0, then the address of another block (another runtime's TLS)
  * Prints "f called N times" with the number of calls it made. */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
@@ -61,6 +63,23 @@ __attribute__((no_stack_protector)) static void *setfs_worker(void *arg) {
     return arg;
 }
 
+/* The FS base moved, without a stop pmu could see, to blocks whose first word is not their address. */
+__attribute__((no_stack_protector)) static void *foreign_worker(void *arg) {
+    unsigned long fs;
+    static char zeros[4096] __attribute__((aligned(64)));
+    static char other[4096] __attribute__((aligned(64)));
+    syscall(SYS_arch_prctl, ARCH_GET_FS, &fs);
+    for (long i = 0; i < calls; i++) f(i);
+    syscall(SYS_arch_prctl, ARCH_SET_FS, (unsigned long)zeros);
+    for (long i = 0; i < calls; i++) f(i);
+    *(unsigned long *)other = (unsigned long)zeros;
+    syscall(SYS_arch_prctl, ARCH_SET_FS, (unsigned long)other);
+    for (long i = 0; i < calls; i++) f(i);
+    syscall(SYS_arch_prctl, ARCH_SET_FS, fs);
+    for (long i = 0; i < calls; i++) f(i);
+    return arg;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) return 2;
     const char *mode = argv[1];
@@ -103,6 +122,12 @@ int main(int argc, char **argv) {
         pthread_create(&t, 0, setfs_worker, 0);
         pthread_join(t, 0);
         total = 3 * calls;
+    } else if (!strcmp(mode, "foreign")) {
+        calls = atol(argv[2]);
+        pthread_t t;
+        pthread_create(&t, 0, foreign_worker, 0);
+        pthread_join(t, 0);
+        total = 4 * calls;
     } else {
         return 2;
     }

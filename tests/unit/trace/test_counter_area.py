@@ -77,3 +77,32 @@ def test_enabled_flags_and_format() -> None:
     assert struct.unpack_from("<Q", child.mem, trampoline.KEYS)[0] == trampoline.RESERVED  # row 0
     parent.close()
     child.close()
+
+
+def test_modes_of_enabled_sites() -> None:
+    """ON, ON_TCB once every thread has its TCB, ON_LOCKED over both once two threads share a row;
+    disabled sites stay 0 whatever the mode, and a child's area starts in its parent's mode."""
+    area = _area()
+
+    def flags() -> list[int]:
+        return list(area.mem[trampoline.ENABLED : trampoline.ENABLED + 3])
+
+    area.set_enabled(0, True)
+    area.set_enabled(2, True)
+    assert flags() == [trampoline.ON, 0, trampoline.ON]
+    area.set_tcb(True)
+    assert flags() == [trampoline.ON_TCB, 0, trampoline.ON_TCB]
+    area.set_enabled(1, True)
+    assert flags() == [trampoline.ON_TCB] * 3
+    area.set_tcb(False)
+    assert flags() == [trampoline.ON] * 3
+    area.set_tcb(True)
+    child = _area()
+    child.copy_enabled(area)
+    assert child.tcb and list(child.mem[trampoline.ENABLED : trampoline.ENABLED + 3]) == flags()
+    area.lock()
+    area.set_enabled(1, False)
+    area.set_tcb(False)
+    assert flags() == [trampoline.ON_LOCKED, 0, trampoline.ON_LOCKED]
+    area.close()
+    child.close()

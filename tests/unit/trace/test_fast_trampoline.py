@@ -10,7 +10,7 @@ import capstone
 import pytest
 
 from pmu.trace import trampoline
-from pmu.trace.trampoline import ENABLED, KEYS, MISS, NSITES, NSLOTS, ON, ON_LOCKED, ROWS, build
+from pmu.trace.trampoline import ENABLED, KEYS, MISS, NSITES, NSLOTS, ON, ON_LOCKED, ON_TCB, ROWS, build
 
 unicorn = pytest.importorskip("unicorn")
 uc_x86 = pytest.importorskip("unicorn.x86_const")
@@ -38,7 +38,8 @@ def _slot(fs: int) -> int:
 
 
 class Machine:
-    def __init__(self, enabled: int = ON, fs: int = FS) -> None:
+    def __init__(self, enabled: int = ON, fs: int = FS, tcb: int | None = None) -> None:
+        """With `tcb`, the first word at FS base (the TCB's self pointer, read in ON_TCB mode)."""
         self.tramp = build(AREA, SITE, RELOCATED, CODE, BACK)
         self.uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         self.uc.mem_map(AREA, trampoline.AREA_BYTES)
@@ -48,6 +49,9 @@ class Machine:
         self.uc.mem_write(CODE, self.tramp.code)
         self.uc.mem_write(BACK, b"\xf4")  # hlt where the jump back lands
         self.uc.mem_write(AREA + ENABLED + SITE, bytes([enabled]))
+        if tcb is not None:
+            self.uc.mem_map(fs & ~0xFFF, 0x1000)
+            self.uc.mem_write(fs, struct.pack("<Q", tcb))
         self.claim(0, trampoline.RESERVED)  # as CounterArea.format leaves a new area
         self.uc.reg_write(uc_x86.UC_X86_REG_FS_BASE, fs)
         self.ran: list[int] = []
@@ -95,8 +99,9 @@ class Machine:
         return any(start <= a < CODE + len(self.tramp.code) for a in self.ran)
 
 
-def test_first_hit_claims_the_row_then_the_fast_path_counts() -> None:
-    m = Machine()
+@pytest.mark.parametrize("mode", [ON, ON_TCB])
+def test_first_hit_claims_the_row_then_the_fast_path_counts(mode: int) -> None:
+    m = Machine(enabled=mode, tcb=FS)
     m.hit()
     assert m.slow and m.key(_slot(FS)) == FS and m.count(_slot(FS)) == 1
     for n in range(2, 6):
@@ -144,11 +149,26 @@ def test_disabled_counts_nothing_and_locked_counts_in_the_slow_path() -> None:
     assert locked.count(_slot(FS)) == 4
 
 
+def test_tcb_mode_reads_the_identity_from_the_tcb() -> None:
+    """ON_TCB: the identity is the TCB's first word; one that is not the FS base (another runtime's
+    TLS) never finds its row, so every hit goes to the slow path, which counts by rdfsbase."""
+    m = Machine(enabled=ON_TCB, tcb=FS)
+    m.hit()
+    m.hit()
+    assert not m.slow
+    assert m.count(_slot(FS)) == 2
+    other = Machine(enabled=ON_TCB, tcb=0x5555_0000_1230)
+    for _ in range(3):
+        other.hit()
+        assert other.slow
+    assert other.key(_slot(FS)) == FS and other.count(_slot(FS)) == 3
+
+
 @pytest.mark.parametrize("flags", [0x202, 0x202 | sum(FLAGS)])
-@pytest.mark.parametrize("enabled", [0, ON, ON_LOCKED])
+@pytest.mark.parametrize("enabled", [0, ON, ON_LOCKED, ON_TCB])
 def test_flags_are_the_programs(flags: int, enabled: int) -> None:
     """Fast path, slow path, disabled: the program's flags come through the trampoline untouched."""
-    m = Machine(enabled=enabled)
+    m = Machine(enabled=enabled, tcb=FS)
     for _ in range(3):  # the first hit (a claim) and later ones alike
         assert m.flags_after(flags) == flags
 
@@ -166,4 +186,4 @@ def test_the_fast_path_writes_no_flag() -> None:
             continue  # to the slow path
         assert insn.eflags == 0, f"{insn.mnemonic} {insn.op_str} touches the flags"
     assert not any(i.mnemonic in ("pushfq", "popfq") for i in head)
-    assert [i.mnemonic for i in head].count("jrcxz") == 3
+    assert [i.mnemonic for i in head].count("jrcxz") == 4
