@@ -317,7 +317,16 @@ class UprobePmu(PmuBase):
         if extent is None:
             raise RelocationError("the probe is not inside a function symbol")
         start = addr - (probe.vaddr - extent.start)
-        plan = check_jump_patch(extent.code, start, extent.size, addr)
+        # read/known_entries in the file's addresses: the site's offset into the function is the same
+        known = [start - extent.start + e for e in extent.entries]
+        plan = check_jump_patch(
+            extent.code,
+            start,
+            extent.size,
+            addr,
+            known_entries=known,
+            read=lambda at, n: extent.read(at - start + extent.start, n),
+        )
         on = any(e.running for entries in site.by_tid.values() for e in entries)
         return self.tracer.jump_patch(site.mm, addr, plan, site.record, on)
 

@@ -144,12 +144,16 @@ class _ElfInfo:
     path: str
     segments: tuple[_Segment, ...]
     """Executable PT_LOAD segments."""
+    loads: tuple[_Segment, ...]
+    """Every PT_LOAD segment (the read-only data of jump tables is in one of these)."""
     by_name: Mapping[str, tuple[_Symbol, ...]]
     """Function symbols by name (versioned dynamic names as `name@VER`/`name@@VER` too), one per address."""
     starts: tuple[int, ...]
     """Sorted distinct function start addresses."""
     at_start: tuple[_Symbol, ...]
     """The preferred name at each start (parallel to starts), with the largest size seen there."""
+    entries: frozenset[int] = frozenset()
+    """The starts as a set."""
 
     def segment(self, vaddr: int) -> _Segment | None:
         return next((seg for seg in self.segments if seg.contains(vaddr)), None)
@@ -392,6 +396,11 @@ def _read_elf(elf: Any, path: str, file_size: int) -> _ElfInfo:
     for seg in segments:
         if seg.offset + seg.filesz > file_size:
             raise _elf_error(path, "truncated: an executable segment extends past the end of the file")
+    loads = tuple(
+        _Segment(vaddr=seg["p_vaddr"], filesz=seg["p_filesz"], offset=seg["p_offset"])
+        for seg in elf.iter_segments()
+        if seg["p_type"] == "PT_LOAD" and seg["p_offset"] + seg["p_filesz"] <= file_size
+    )
     sections = list(elf.iter_sections())
     executable = np.array([bool(sec["sh_flags"] & _SHF_EXECINSTR) for sec in sections] + [False])
     section_ends = [sec["sh_addr"] + sec["sh_size"] for sec in sections]
@@ -474,9 +483,11 @@ def _read_elf(elf: Any, path: str, file_size: int) -> _ElfInfo:
     return _ElfInfo(
         path=path,
         segments=segments,
+        loads=loads,
         by_name=by_name,
         starts=starts,
         at_start=tuple(best[start] for start in starts),
+        entries=frozenset(starts),
     )
 
 
@@ -697,13 +708,19 @@ def list_functions(path: str, pattern: str = "*") -> list[str]:
 
 @dataclass(frozen=True)
 class FunctionExtent:
-    """The function holding a probe, as a jump patch needs it: where it starts, how long, its bytes."""
+    """The function holding a probe, as a jump patch needs it: where it starts, how long, its bytes, and
+    for the jump-table check, the file's bytes at any mapped address and every function's start."""
 
     start: int
     """ELF virtual address of the function's first byte."""
     size: int
     code: bytes
     """The function's bytes as the file holds them (no breakpoint of ours in them)."""
+    read: Callable[[int, int], bytes]
+    """read(vaddr, size): the file's bytes there, as its PT_LOAD segments map them (ValueError if not
+    all of them are in the file)."""
+    entries: frozenset[int]
+    """Every function symbol's start address."""
 
 
 def function_extent(path: str, vaddr: int) -> FunctionExtent | None:
@@ -721,4 +738,19 @@ def function_extent(path: str, vaddr: int) -> FunctionExtent | None:
         following = info.starts[index + 1] if index + 1 < len(info.starts) else symbol.section_end
         size = min(following, symbol.section_end, segment.vaddr + segment.filesz) - symbol.value
     code = _read_code(info, segment, symbol.value, size)
-    return FunctionExtent(symbol.value, len(code), code)
+    return FunctionExtent(symbol.value, len(code), code, functools.partial(_read_mapped, info), info.entries)
+
+
+def _read_mapped(info: _ElfInfo, vaddr: int, size: int) -> bytes:
+    """The file's bytes at [vaddr, vaddr+size) by its PT_LOAD segments; ValueError outside them."""
+    for seg in info.loads:
+        if seg.vaddr <= vaddr and vaddr + size <= seg.vaddr + seg.filesz:
+            try:
+                with open(info.path, "rb") as f:
+                    f.seek(vaddr - seg.vaddr + seg.offset)
+                    data = f.read(size)
+            except OSError as err:
+                raise ValueError(f"cannot read {info.path}: {err.strerror}") from None
+            if len(data) == size:
+                return data
+    raise ValueError(f"{vaddr:#x}+{size} is not in a loaded segment of {info.path}")

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.conftest import NO_OPTIMIZE, ROOT, per_thread_counts, run_pmu, stat_counts
+from tests.integration.test_vs_perf import _offset
 
 pytestmark = pytest.mark.skipif(NO_OPTIMIZE, reason="these tests are about the optimized mode")
 
@@ -41,6 +42,22 @@ def test_refused_sites_fall_back_to_int3_with_a_reason(build):
     r = run_pmu("stat", "-v", "--no-optimize", "-x,", "-e", "uprobe:f_riprel", "--", reloc, "20")
     assert "pmu: uprobe:f_riprel: int3" in r.stderr
     assert stat_counts(r.stderr) == {"uprobe:f_riprel": 21}
+
+
+def test_a_function_with_a_jump_table_is_optimized(build, kernel_uprobes):
+    """gcc's switch jump table (`jmp rax` through a table in .rodata): its entries are read from the file
+    and checked as branches, so the entry takes a jump patch; counts equal the kernel uprobe's."""
+    exe = build("switch")
+    r = run_pmu("stat", "-v", "-x,", "-e", "uprobe:classify", "--", exe, "200000")
+    assert r.returncode == 0, r.stderr
+    assert "pmu: uprobe:classify: optimized (jump patch" in r.stderr, r.stderr
+    assert "classify called 200000 times" in r.stdout
+    assert stat_counts(r.stderr) == {"uprobe:classify": 200_000}
+    bare = subprocess.run([exe, "200000"], capture_output=True, text=True, timeout=60)
+    assert r.stdout == bare.stdout  # every case returned what it returns without pmu
+    path, offset = _offset("uprobe:classify", str(exe))
+    name = kernel_uprobes.add("classify", path, offset)
+    assert kernel_uprobes.stat([name], [str(exe), "200000"]) == {name: 200_000}
 
 
 def test_enable_on_exec_counts_nothing_before_exec(build):
