@@ -326,6 +326,7 @@ class UprobePmu(PmuBase):
             addr,
             known_entries=known,
             read=lambda at, n: extent.read(at - start + extent.start, n),
+            pointed=lambda lo, hi: extent.pointed(lo - start + extent.start, hi - start + extent.start),
         )
         on = any(e.running for entries in site.by_tid.values() for e in entries)
         return self.tracer.jump_patch(site.mm, addr, plan, site.record, on)

@@ -721,6 +721,9 @@ class FunctionExtent:
     all of them are in the file)."""
     entries: frozenset[int]
     """Every function symbol's start address."""
+    pointed: Callable[[int, int], bool]
+    """pointed(lo, hi): whether the file holds an address in [lo, hi) where code can take it from (see
+    `code_pointers`)."""
 
 
 def function_extent(path: str, vaddr: int) -> FunctionExtent | None:
@@ -738,7 +741,90 @@ def function_extent(path: str, vaddr: int) -> FunctionExtent | None:
         following = info.starts[index + 1] if index + 1 < len(info.starts) else symbol.section_end
         size = min(following, symbol.section_end, segment.vaddr + segment.filesz) - symbol.value
     code = _read_code(info, segment, symbol.value, size)
-    return FunctionExtent(symbol.value, len(code), code, functools.partial(_read_mapped, info), info.entries)
+    return FunctionExtent(
+        symbol.value,
+        len(code),
+        code,
+        functools.partial(_read_mapped, info),
+        info.entries,
+        functools.partial(_pointed, info),
+    )
+
+
+def _pointed(info: _ElfInfo, lo: int, hi: int) -> bool:
+    return points_into(info.path, lo, hi)
+
+
+def points_into(path: str, lo: int, hi: int) -> bool:
+    """Whether `path` holds a code address in [lo, hi) (file addresses; see `code_pointers`)."""
+    pointers, immediates = code_pointers(path)
+    at = int(np.searchsorted(pointers, lo))
+    if at < len(pointers) and pointers[at] < hi:
+        return True
+    return any(immediates(address) for address in range(lo, hi))
+
+
+def code_pointers(path: str) -> tuple[np.ndarray, Callable[[int], bool]]:
+    """Where the file says code may jump to without a direct branch: (the sorted addresses inside its
+    executable segments that its data or relocations hold, a test of whether its code holds an address as
+    a 32-bit immediate). A position-independent file (ET_DYN) holds every code pointer of its data in a
+    relocation (R_X86_64_RELATIVE, IRELATIVE, 64, GLOB_DAT, JUMP_SLOT: their addends and symbols); an
+    executable (ET_EXEC) holds them as they are, in its data (every aligned 4- and 8-byte value is taken
+    for one) and in its code as immediates (mov edi, imm32). Addresses computed at run time from other
+    values are not seen: jump tables are recognized apart (patchsafety)."""
+    st = _open_checked(path)
+    return _code_pointers(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _code_pointers(
+    path: str, dev: int, ino: int, size: int, mtime_ns: int
+) -> tuple[np.ndarray, Callable[[int], bool]]:
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.relocation import RelocationSection
+
+    found: list[np.ndarray] = []
+    relocated: list[int] = []
+    code: list[tuple[int, bytes]] = []
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        loads = [seg for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]
+        spans = [(seg["p_vaddr"], seg["p_vaddr"] + seg["p_memsz"]) for seg in loads if seg["p_flags"] & _PF_X]
+        executable = elf["e_type"] == "ET_EXEC"
+        for section in elf.iter_sections():
+            if not isinstance(section, RelocationSection) or not section.is_RELA():
+                continue
+            symtab = elf.get_section(section["sh_link"]) if section["sh_link"] else None
+            for rel in section.iter_relocations():
+                value = int(rel["r_addend"])
+                if rel["r_info_sym"] and symtab is not None and hasattr(symtab, "get_symbol"):
+                    value += int(symtab.get_symbol(rel["r_info_sym"])["st_value"])
+                relocated.append(value & 0xFFFF_FFFF_FFFF_FFFF)
+        if executable:
+            for seg in loads:
+                data = seg.data()
+                if seg["p_flags"] & _PF_X:
+                    code.append((seg["p_vaddr"], data))
+                    continue
+                skip = -seg["p_vaddr"] % 8
+                body = data[skip : skip + (len(data) - skip) // 8 * 8]
+                found.append(np.frombuffer(body, dtype="<u8").astype(np.uint64))
+                skip = -seg["p_vaddr"] % 4
+                body = data[skip : skip + (len(data) - skip) // 4 * 4]
+                found.append(np.frombuffer(body, dtype="<u4").astype(np.uint64))
+    found.append(np.array(relocated, dtype=np.uint64))
+    values = np.unique(np.concatenate(found))
+    inside = np.zeros(len(values), dtype=bool)
+    for lo, hi in spans:
+        inside |= (values >= lo) & (values < hi)
+
+    def immediate(address: int) -> bool:
+        if not executable or not 0 < address < 1 << 32:
+            return False
+        pattern = address.to_bytes(4, "little")
+        return any(pattern in data for _, data in code)
+
+    return values[inside].astype(np.int64), immediate
 
 
 def _read_mapped(info: _ElfInfo, vaddr: int, size: int) -> bytes:

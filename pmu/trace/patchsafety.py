@@ -125,6 +125,7 @@ def check_jump_patch(
     trampoline: int | None = None,
     known_entries: Collection[int] = (),
     read: Callable[[int, int], bytes] | None = None,
+    pointed: Callable[[int, int], bool] | None = None,
 ) -> PatchPlan:
     """Decide whether `patch_len` bytes at `site` can be replaced by a jump, before anything is patched.
 
@@ -136,7 +137,11 @@ def check_jump_patch(
     displaced instruction `relocate` refuses; `trampoline` (when given) or a RIP-relative operand is out of
     rel32 reach; a direct branch elsewhere in the function lands in (site, site + length) (the first byte is
     fine, it becomes the jump); an indirect jump other than through a GOT entry, unless it is one of gcc's
-    jump tables and `read` is given: then the table is read and its entries are checked as branches.
+    jump tables and `read` is given: then the table is read and its entries are checked as branches; or,
+    with `pointed`, unless no address inside the patched bytes can be where it goes: `pointed(lo, hi)` says
+    whether the file holds a code address in [lo, hi) (a pointer in its data or relocations, an immediate
+    in its code), and no instruction of the function makes one (lea [rip+X], an immediate). A jump through
+    a pointer is then a tail call or a jump to a label whose address was taken, never into the patch.
     Without `trampoline`, relocation is checked at an address just past the function. `read(address, size)`
     returns the file's bytes at an address (the same addresses as `site`'s), as the file maps them.
     ValueError for a `site` outside the function, `code` shorter than `func_size`, or `patch_len` < 1.
@@ -241,15 +246,21 @@ def check_jump_patch(
                 )
         elif kind == "ljmp" or (kind == "jmp" and not _GOT_JUMP.fullmatch(op_str)):
             indirect.append(index)
+    untargeted: bool | None = None  # no address inside the patch is held or made (computed once)
     for index in indirect:
         address, _size, mnemonic, op_str = linear[index]
         table = _jump_table(linear, index, direct, read) if read is not None else None
         if table is None:
-            raise PatchRefused(
-                site,
-                Refusal.INDIRECT_JUMP,
-                f"'{mnemonic} {op_str}' at 0x{address:x} may reach any instruction of the function",
+            if pointed is not None and untargeted is None:
+                untargeted = not pointed(site + 1, patch_end) and not _makes_address(linear, site, patch_end)
+            if untargeted:
+                continue  # a jump through a pointer: a tail call, or to a taken label, not into the patch
+            why = (
+                "may reach any instruction of the function"
+                if pointed is None
+                else "may land in the patch: the file holds, or the function makes, an address inside it"
             )
+            raise PatchRefused(site, Refusal.INDIRECT_JUMP, f"'{mnemonic} {op_str}' at 0x{address:x} {why}")
         for n, target in enumerate(table.targets):
             if site < target < patch_end:
                 raise PatchRefused(
@@ -267,6 +278,27 @@ def check_jump_patch(
         boundaries=boundaries,
         insns=tuple(decode(at_site, site, len(displaced))),
     )
+
+
+def _makes_address(linear: list[tuple[int, int, str, str]], site: int, end: int) -> bool:
+    """Whether an instruction of the function computes an address in (site, end): a RIP-relative lea
+    (computed goto: `lea rax, [rip + label]`) or an immediate operand."""
+    for address, size, mnemonic, op_str in linear:
+        if mnemonic == "lea":
+            rip = _LEA_RIP.search(op_str)
+            if rip is not None:
+                disp = int(rip.group(2), 0)
+                target = address + size + (disp if rip.group(1) == "+" else -disp)
+                if site < target < end:
+                    return True
+            continue
+        operand = op_str.rsplit(", ", 1)[-1]
+        if _IMMEDIATE.fullmatch(operand) and site < int(operand, 0) < end:
+            return True
+    return False
+
+
+_IMMEDIATE = re.compile(r"0x[0-9a-f]+|[0-9]+")
 
 
 # --- jump tables ------------------------------------------------------------------------------------------

@@ -60,6 +60,24 @@ def test_a_function_with_a_jump_table_is_optimized(build, kernel_uprobes):
     assert kernel_uprobes.stat([name], [str(exe), "200000"]) == {name: 200_000}
 
 
+@pytest.mark.parametrize("pie", [True, False], ids=["pie", "no-pie"])
+def test_indirect_tail_calls_are_optimized(build, kernel_uprobes, pie):
+    """dispatch() ends in jumps through pointers (`jmp [rdx+rax*8]` through a table of functions, `jmp
+    [rip+chosen]`): no pointer of the file lands in its first bytes (relocations in a PIE, the data itself
+    in an executable), so its entry takes a jump patch; output and count as without pmu / the kernel's."""
+    flags = ("-O2",) if pie else ("-O2", "-no-pie", "-fno-pie")
+    exe = build("tailcall", *flags, suffix="_pie" if pie else "_nopie")
+    r = run_pmu("stat", "-v", "-x,", "-e", "uprobe:dispatch", "--", exe, "200000")
+    assert r.returncode == 0, r.stderr
+    assert "pmu: uprobe:dispatch: optimized (jump patch" in r.stderr, r.stderr
+    bare = subprocess.run([exe, "200000"], capture_output=True, text=True, timeout=60)
+    assert r.stdout == bare.stdout and "dispatch called 200000 times" in r.stdout
+    assert stat_counts(r.stderr) == {"uprobe:dispatch": 200_000}
+    path, offset = _offset("uprobe:dispatch", str(exe))
+    name = kernel_uprobes.add("dispatch", path, offset)
+    assert kernel_uprobes.stat([name], [str(exe), "200000"]) == {name: 200_000}
+
+
 def test_enable_on_exec_counts_nothing_before_exec(build):
     """Events open disabled: the trampoline checks the enable flag, and the launcher's own code path
     (before exec) never reaches it. A second, shorter run gives the proportional count."""

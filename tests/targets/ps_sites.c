@@ -85,6 +85,17 @@ __asm__(".globl ps_jmp_reg\n.type ps_jmp_reg, @function\nps_jmp_reg:\n"
         "\tpush %rbx\n\tmov fp(%rip), %rax\n\tpop %rbx\n\tjmp *%rax\n"
         ".size ps_jmp_reg, .-ps_jmp_reg\n");
 
+/* a jump through a pointer, with a pointer in the data (ps_into_ptr) to an instruction 3 bytes in */
+__asm__(".globl ps_ptr_into\n.type ps_ptr_into, @function\nps_ptr_into:\n"
+        "\tmov %rdi, %rax\nps_ptr_into_in:\n\tadd $1, %rax\n\tmov ps_into_ptr(%rip), %rdx\n\tjmp *%rdx\n"
+        ".size ps_ptr_into, .-ps_ptr_into\n"
+        ".data\n.globl ps_into_ptr\nps_into_ptr:\n\t.quad ps_ptr_into_in\n.text\n");
+
+/* a jump to a label whose address the function takes (computed goto), 3 bytes in */
+__asm__(".globl ps_lea_into\n.type ps_lea_into, @function\nps_lea_into:\n"
+        "\tmov %rdi, %rax\n1:\tadd $1, %rax\n\tlea 1b(%rip), %rdx\n\tjmp *%rdx\n"
+        ".size ps_lea_into, .-ps_lea_into\n");
+
 /* a switch gcc compiles to a jump table (distinct calls keep it from becoming a lookup table) */
 __attribute__((noinline)) long ps_switch(int k, long x) {
     switch (k) {

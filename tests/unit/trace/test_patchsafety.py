@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pmu.errors import RelocationError
+from pmu.events.symbols import points_into
 from pmu.trace.patchsafety import JUMP_PATCH_LEN, PatchPlan, PatchRefused, Refusal, check_jump_patch
 from pmu.trace.relocate import relocate
 
@@ -25,6 +26,7 @@ GIB = 1 << 30
 class Image:
     """A built target: its function symbols and its bytes, at BASE."""
 
+    path: Path
     symbols: dict[str, tuple[int, int]]
     """name -> (loaded address, size)."""
     segments: tuple[tuple[int, bytes], ...]
@@ -45,6 +47,10 @@ class Image:
         code, start, size = self.function(name)
         return check_jump_patch(code, start, size, start + offset, **kwargs)  # type: ignore[arg-type]
 
+    def pointed(self, lo: int, hi: int) -> bool:
+        """Whether the file holds a code address in [lo, hi) (pmu.events.symbols.points_into)."""
+        return points_into(str(self.path), lo - BASE, hi - BASE)
+
     @property
     def entries(self) -> set[int]:
         return {start for start, _ in self.symbols.values()}
@@ -63,7 +69,7 @@ def load_image(path: Path) -> Image:
             for sym in elf.get_section_by_name(".symtab").iter_symbols()
             if sym["st_info"]["type"] == "STT_FUNC" and sym["st_shndx"] != "SHN_UNDEF"
         }
-    return Image(symbols, segments)
+    return Image(path, symbols, segments)
 
 
 @pytest.fixture(scope="module", params=["plain", "cet"])
@@ -160,6 +166,8 @@ REFUSALS = [
     ("ps_jmp_reg", 0, {"read": True}, Refusal.INDIRECT_JUMP, r"'jmp rax' at 0x[0-9a-f]+ may reach any"),
     ("ps_table_into", 0, {}, Refusal.INDIRECT_JUMP, r"'jmp rcx' .* may reach any"),  # the table is not read
     ("ps_switch", 0, {}, Refusal.INDIRECT_JUMP, r"jmp rax' at 0x[0-9a-f]+ may reach any"),
+    ("ps_ptr_into", 0, {"pointed": True}, Refusal.INDIRECT_JUMP, r"'jmp rdx' .* may land in the patch"),
+    ("ps_lea_into", 0, {"pointed": True}, Refusal.INDIRECT_JUMP, r"'jmp rdx' .* may land in the patch"),
 ]
 
 
@@ -177,6 +185,8 @@ def test_refusals_name_their_reason(
         kwargs["known_entries"] = image.entries
     if options.get("read"):
         kwargs["read"] = image.read
+    if options.get("pointed"):
+        kwargs["pointed"] = image.pointed
     if "far" in options:
         kwargs["trampoline"] = start + options["far"]
     with pytest.raises(PatchRefused, match=message) as info:
@@ -197,6 +207,19 @@ def test_indirect_jump_through_a_got_entry_is_a_tail_call(image: Image) -> None:
     code, start, size = image.function("ps_ok_loop_to_entry")
     assert code[size - 6 : size - 4] == b"\xff\x25"
     image.check("ps_ok_loop_to_entry")
+
+
+def test_a_tail_call_through_a_pointer_takes_a_jump_when_nothing_points_into_the_patch(image: Image) -> None:
+    """ps_jmp_reg ends in `jmp rax` with rax loaded from a pointer: refused without `pointed`, accepted
+    with it, as no pointer of the file and no address the function makes lands in its first 5 bytes;
+    the file's pointer to 3 bytes into ps_ptr_into is seen (its refusal is in REFUSALS)."""
+    with pytest.raises(PatchRefused):
+        image.check("ps_jmp_reg", read=image.read)
+    assert image.check("ps_jmp_reg", read=image.read, pointed=image.pointed).length >= 5
+    start = image.symbols["ps_ptr_into"][0]
+    assert image.pointed(start + 3, start + 4) and not image.pointed(start + 1, start + 3)
+    helper = image.symbols["helper"][0]
+    assert image.pointed(helper, helper + 1)  # fp's initial value
 
 
 def test_a_table_that_cannot_be_read_is_an_unknown_jump(image: Image) -> None:

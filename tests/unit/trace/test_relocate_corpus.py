@@ -32,7 +32,7 @@ import pytest
 
 from pmu.errors import RelocationError
 from pmu.events.spec import ProbeKind, ProbeSpec
-from pmu.events.symbols import list_functions, resolve_probe
+from pmu.events.symbols import list_functions, points_into, resolve_probe
 from pmu.trace.patchsafety import JumpTable, PatchPlan, PatchRefused, Refusal, check_jump_patch, jump_tables
 from pmu.trace.relocate import build_slot, decode, jump, relocate
 
@@ -527,7 +527,14 @@ def run_corpus(label: str, library: Library) -> Tally:
         tramp = rng.choice(machine.trampolines) + rng.randrange(PAGE - 256)
         try:
             plan: PatchPlan | None = check_jump_patch(
-                fn.code, entry, fn.size, entry, trampoline=tramp, known_entries=entries, read=library.read
+                fn.code,
+                entry,
+                fn.size,
+                entry,
+                trampoline=tramp,
+                known_entries=entries,
+                read=library.read,
+                pointed=lambda lo, hi: points_into(library.path, lo - base, hi - base),
             )
         except PatchRefused as err:
             plan = None
