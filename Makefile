@@ -59,6 +59,7 @@ bench: $(STAMP) .tools
 	$(PY) benchmarks/bench_record.py --results benchmarks/RESULTS.md
 	$(PY) benchmarks/bench_optimized.py --results benchmarks/RESULTS.md
 	$(PY) benchmarks/bench_system_wide.py --results benchmarks/RESULTS.md
+	$(PY) benchmarks/bench_cpython.py --results benchmarks/RESULTS.md
 
 clean:
 	rm -rf build .tools .pytest_cache .mypy_cache .ruff_cache

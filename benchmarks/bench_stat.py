@@ -664,7 +664,7 @@ RESULTS_HEADER = (
     "Each `##` section is written by one script run with `--results benchmarks/RESULTS.md`, which "
     "replaces only its own section (or appends it) and leaves the others as they are; `make bench` runs "
     "them all: `benchmarks/bench_stat.py`, `benchmarks/bench_record.py`, `benchmarks/bench_optimized.py`, "
-    "`benchmarks/bench_system_wide.py`.\n"
+    "`benchmarks/bench_system_wide.py`, `benchmarks/bench_cpython.py`.\n"
 )
 SECTION = "## pmu stat: overhead per hit against peers"
 LEGACY_TITLE = "# pmu stat: overhead per hit against peers"
