@@ -49,7 +49,12 @@ def test_threads_equal_perf(build, kernel_uprobes):
 
 
 PYTHON = "/usr/bin/python3.11"
-CPYTHON = ["PyObject_Malloc", "PyObject_Free", "PyObject_Hash", "PyMem_Malloc", "PyObject_GC_Del", "_PyEval_EvalFrameDefault", "PyLong_FromLong", "PyObject_GetAttr", "PyUnicode_New", "PyTuple_New", "PyList_Append", "PyObject_RichCompare", "PyNumber_Add", "PyDict_SetItem", "PyObject_Call", "PyMem_Free"]
+CPYTHON = [
+    *("PyObject_Malloc", "PyObject_Free", "PyObject_Hash", "PyMem_Malloc", "PyObject_GC_Del"),
+    *("_PyEval_EvalFrameDefault", "PyLong_FromLong", "PyObject_GetAttr", "PyUnicode_New", "PyTuple_New"),
+    *("PyList_Append", "PyObject_RichCompare", "PyNumber_Add", "PyDict_SetItem", "PyObject_Call"),
+    "PyMem_Free",
+]
 """The hot functions of CPython on a script that builds dicts, strings, lists and tuples (issue 11: the
 tail calls through function pointers among them used to keep them on int3)."""
 SCRIPT = """
