@@ -402,6 +402,7 @@ class UprobePmu(PmuBase):
         if mm.counters is None:
             return
         now = mm.counters.row(fs)
+        before = np.pad(before, (0, len(now) - len(before)))  # a bank made meanwhile started at zero
         gained = now - before
         for (site_mm, _, _), site in self._sites.items():
             if site_mm is not mm or not site.columns:

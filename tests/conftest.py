@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -122,6 +123,11 @@ def _tracefs_write(line: str) -> None:
         os.close(fd)
 
 
+KPROBE_GROUP = f"pmutest{os.getpid()}"
+"""The tracefs group of the tests' kernel uprobes: one per test process, so that two suites running at
+once on one machine (a developer's and a clean checkout's) never define or delete each other's probes."""
+
+
 class KernelUprobes:
     """Kernel uprobes placed through tracefs at exact file offsets, counted with `perf stat`."""
 
@@ -129,10 +135,10 @@ class KernelUprobes:
         self.names: list[str] = []
 
     def add(self, name: str, path: str, file_offset: int, ret: bool = False) -> str:
-        """Place p:pmutest/NAME PATH:0xOFFSET (r: for a return probe); returns the perf event name."""
-        _tracefs_write(f"{'r' if ret else 'p'}:pmutest/{name} {path}:{file_offset:#x}\n")
+        """Place p:GROUP/NAME PATH:0xOFFSET (r: for a return probe); returns the perf event name."""
+        _tracefs_write(f"{'r' if ret else 'p'}:{KPROBE_GROUP}/{name} {path}:{file_offset:#x}\n")
         self.names.append(name)
-        return f"pmutest:{name}"
+        return f"{KPROBE_GROUP}:{name}"
 
     def stat(self, events: list[str], argv: list[str], *extra: str) -> dict[str, int]:
         """Run argv under `perf stat -x,` with the given events; returns {event: count}."""
@@ -144,7 +150,7 @@ class KernelUprobes:
 
     def clear(self) -> None:
         for name in self.names:
-            _tracefs_write(f"-:pmutest/{name}\n")
+            _tracefs_write(f"-:{KPROBE_GROUP}/{name}\n")
         self.names.clear()
 
 
@@ -153,8 +159,25 @@ def kernel_uprobes():
     reason = have_kernel_uprobes()
     if reason:
         pytest.skip(reason)
+    _sweep_stale_groups()
     k = KernelUprobes()
     try:
         yield k
     finally:
         k.clear()
+
+
+def _sweep_stale_groups() -> None:
+    """Delete the probes of test processes that are gone (killed before their fixture cleared them)."""
+    try:
+        with open("/sys/kernel/tracing/uprobe_events") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        head = line.split(None, 1)[0] if line.strip() else ""
+        group, _, name = head[2:].partition("/")
+        pid = group.removeprefix("pmutest")
+        if group.startswith("pmutest") and (not pid.isdigit() or not os.path.exists(f"/proc/{pid}")):
+            with contextlib.suppress(OSError):
+                _tracefs_write(f"-:{group}/{name}\n")

@@ -23,7 +23,7 @@ from pmu.trace import ptrace_ops as pt
 from pmu.trace.breakpoints import INT3
 from pmu.trace.patchsafety import PatchPlan
 from pmu.trace.relocate import SLOT_SIZE, relocate_run
-from pmu.trace.tasks import AddressSpace, CounterArea, JumpPatch, Task, TaskState, TraceeRing
+from pmu.trace.tasks import AddressSpace, CounterArea, CounterBank, JumpPatch, Task, TaskState, TraceeRing
 
 
 class _Shared(Protocol):
@@ -53,28 +53,37 @@ class Patches:
 
         def _syscall(self, tid: int, mm: AddressSpace, nr: int, *args: int) -> int: ...
 
-    def counters(self, mm: AddressSpace, near: int) -> CounterArea:
-        """The counter area of mm: a memfd pmu maps too, mapped shared into the tracee on first use."""
-        if mm.counters is None:
+    def counters(self, mm: AddressSpace, near: int, column: int = 0) -> CounterArea:
+        """The counter area of mm, with a bank for `column`: memfds pmu maps too, mapped shared into the
+        tracee (near `near`) as columns need them."""
+        area = mm.counters
+        if area is None:
+            area = mm.counters = CounterArea(locked=mm.locked)
+            fresh = True
+        else:
+            fresh = False
+        if column >= area.columns:
             with self.stopped(mm) as tid:
-                mm.counters = self._map_counters(mm, tid, near)
-            if mm.locked:
-                mm.counters.lock()
+                while column >= area.columns:
+                    area.banks.append(self._map_bank(mm, tid, near))
+        if fresh:
             self._check_identity(mm)
-        return mm.counters
-
-    def _map_counters(self, mm: AddressSpace, tid: int, near: int, fixed: int | None = None) -> CounterArea:
-        """A new counter area of mm (at `fixed`, where a forked child's parent has its own)."""
-
-        def own(fd: int) -> CounterArea:
-            os.ftruncate(fd, trampoline.AREA_BYTES)
-            area = CounterArea(fd, mmap.mmap(fd, trampoline.AREA_BYTES), 0, trampoline.AREA_BYTES)
-            area.format(mm.pid)
-            return area
-
-        area, address = self._shared_memfd(mm, tid, near, "counter area", own, 0, fixed)
-        area.address = address
         return area
+
+    def _map_bank(self, mm: AddressSpace, tid: int, near: int, fixed: int | None = None) -> CounterBank:
+        """A new counter bank in mm (at `fixed`, where a forked child's parent has its own)."""
+
+        def own(fd: int) -> CounterBank:
+            os.ftruncate(fd, trampoline.AREA_BYTES)
+            mem = mmap.mmap(fd, trampoline.AREA_BYTES)  # which keeps a descriptor of its own
+            os.close(fd)  # (own() owns fd once it returns, and may close it)
+            bank = CounterBank(mem, 0, trampoline.AREA_BYTES)
+            bank.format(mm.pid)
+            return bank
+
+        bank, address = self._shared_memfd(mm, tid, near, "counter area", own, 0, fixed)
+        bank.address = address
+        return bank
 
     def tracee_ring(self, mm: AddressSpace, near: int) -> TraceeRing:
         """The ring mm's recording trampolines write into: made on first use, like the counter area (pmu
@@ -157,23 +166,23 @@ class Patches:
         for other in mm.breakpoints:
             if addr < other < addr + plan.length:
                 raise RelocationError(f"another probe at {other:#x} lies inside the bytes to patch")
-        area = self.counters(mm, addr)
+        column = mm.columns
+        area = self.counters(mm, addr, column)
+        index, site = area.bank_of(column)
+        base = area.banks[index].address
         spec = None
         if record is not None:
             ring = self.tracee_ring(mm, addr).address
             spec = trampoline.RecordSpec(ring, record[0], addr, record[1], record[2])
-        column = mm.columns
-        if column >= trampoline.NSITES:
-            raise RelocationError(f"more than {trampoline.NSITES} optimized probes in one process")
         with self.stopped(mm) as tid:
             code = mm.read(addr, plan.length + 16)
             if code[:1] == INT3:
                 raise RelocationError(f"there is already an int3 at {addr:#x}")
-            head = len(trampoline.counting_trampoline(area.address, column, spec))
+            head = len(trampoline.counting_trampoline(base, site, spec))
             tramp = self._alloc_slot(mm, addr, tid, head + 16 * plan.count + 64 + trampoline.SLOW_PATH_BYTES)
             body, _, placed = relocate_run(code, addr, tramp + head, plan.count)
             moves = [(offset, tramp + head + at) for offset, at in zip(plan.boundaries, placed, strict=True)]
-            tr = trampoline.build(area.address, column, body, tramp, addr + plan.length, spec, mm.locked)
+            tr = trampoline.build(base, site, body, tramp, addr + plan.length, spec, mm.locked)
             mm.write(tramp, tr.code)
             for t in mm.tasks:
                 if t.state is TaskState.STOPPED:
@@ -212,8 +221,14 @@ class Patches:
             self.early[child.tid] = status
         state, child.state = child.state, TaskState.STOPPED
         try:
-            near = child.mm.areas[0].base if child.mm.areas else shared.address
-            own = self._map_counters(child.mm, child.tid, near, fixed=shared.address)
+            own = CounterArea()
+            try:
+                for bank in shared.banks:
+                    near = child.mm.areas[0].base if child.mm.areas else bank.address
+                    own.banks.append(self._map_bank(child.mm, child.tid, near, fixed=bank.address))
+            except BaseException:
+                own.close()
+                raise
             own.copy_enabled(shared)  # counting as its parent was: same probes enabled, no counts yet
             child.mm.counters = own
         finally:

@@ -126,21 +126,18 @@ class JumpPatch:
 
 
 @dataclass(eq=False)
-class CounterArea:
-    """A memfd shared between pmu and one address space: the trampolines' counters, in the layout
-    trampoline.py defines (ENABLED flags and MISS counters per site, the owner PID, KEYS = the FS base
-    that claimed each row, ROWS = one counter per site and row). The only code that reads or writes it
-    on pmu's side: the trampolines write it in the tracee.
+class CounterBank:
+    """One memfd shared between pmu and one address space, in the layout trampoline.py defines for
+    NSITES sites: ENABLED flags and MISS counters per site, the owner PID, KEYS = the FS base that
+    claimed each row, ROWS = one counter per site and row. pmu keeps its own mapping, so counts stay
+    readable after the tracee exec'd or died."""
 
-    pmu keeps its own mapping, so counts stay readable after the tracee exec'd or died."""
-
-    fd: int
     mem: mmap.mmap
     address: int
     """Where the tracee maps it."""
     size: int
 
-    def _words(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def words(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keys, rows, misses): views of the row keys (NSLOTS), the counters (NSLOTS x NSITES) and
         the per-site miss counters (NSITES)."""
         view = np.frombuffer(self.mem, dtype="<u8")
@@ -149,35 +146,73 @@ class CounterArea:
         misses = view[trampoline.MISS // 8 : trampoline.MISS // 8 + trampoline.NSITES]
         return keys, rows, misses
 
-    def row(self, fs: int) -> np.ndarray:
-        """The counts (one per site) of the thread with FS base fs: the sum of every row keyed by it
-        (a thread may hold several), zeros if none or fs is 0."""
-        if not fs:
-            return np.zeros(trampoline.NSITES, dtype=np.int64)
-        keys, rows, _ = self._words()
-        total: np.ndarray = rows[keys == fs].sum(axis=0, dtype=np.int64)
-        return total
+    def format(self, pid: int) -> None:
+        """A new bank's constants: the pid recording trampolines put in their records (a forked child's
+        own), and row 0 reserved (trampoline.RESERVED)."""
+        self.mem[trampoline.PID : trampoline.PID + 4] = pid.to_bytes(4, "little")
+        self.mem[trampoline.KEYS : trampoline.KEYS + 8] = trampoline.RESERVED.to_bytes(8, "little")
 
-    def unowned(self, known: set[int], columns: Iterable[int]) -> int:
-        """Hits of the columns no known FS base can claim: rows keyed by a stranger (a thread gone
-        before pmu saw its TLS) and the misses (no TLS yet, no free row)."""
-        keys, rows, misses = self._words()
-        strangers = np.array([int(k) not in known for k in keys])
-        return sum(int(rows[strangers, c].sum()) + int(misses[c]) for c in columns)
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self.mem.close()
 
-    def free_rows(self, fs: int) -> None:
-        """Give fs's rows back: counts first, then the key, so a thread claiming a row finds it zeroed."""
-        keys, rows, _ = self._words()
-        for index in np.flatnonzero(keys == fs):
-            rows[index] = 0
-            keys[index] = 0
 
+@dataclass(eq=False)
+class CounterArea:
+    """The trampolines' counters of one address space: banks of NSITES columns each (column c is site
+    c % NSITES of bank c // NSITES), made as probes need them, so there is no limit to the optimized
+    probes of a process. The only code that reads or writes them on pmu's side: the trampolines write
+    them in the tracee. A thread has a row of its own in each bank it counts in."""
+
+    banks: list[CounterBank] = field(default_factory=list)
     locked: bool = False
     """Two live threads share an FS base (so a row): every enabled site is ON_LOCKED, which sends the
     flag-free fast path to its slow path, whose row increment is locked (trampoline.py)."""
     tcb: bool = False
     """Every thread's FS base points to its own TCB (whose first word is its address): enabled sites are
     ON_TCB, and fast paths read the identity with a load (fs:[0]) instead of rdfsbase."""
+
+    @staticmethod
+    def bank_of(column: int) -> tuple[int, int]:
+        """(bank index, site in the bank) of a column."""
+        return divmod(column, trampoline.NSITES)
+
+    @property
+    def columns(self) -> int:
+        return len(self.banks) * trampoline.NSITES
+
+    def row(self, fs: int) -> np.ndarray:
+        """The counts (one per column) of the thread with FS base fs: the sum of every row keyed by it
+        (a thread may hold several), zeros if none or fs is 0."""
+        if not fs or not self.banks:
+            return np.zeros(self.columns, dtype=np.int64)
+        parts = []
+        for bank in self.banks:
+            keys, rows, _ = bank.words()
+            parts.append(rows[keys == fs].sum(axis=0, dtype=np.int64))
+        total: np.ndarray = np.concatenate(parts)
+        return total
+
+    def unowned(self, known: set[int], columns: Iterable[int]) -> int:
+        """Hits of the columns no known FS base can claim: rows keyed by a stranger (a thread gone
+        before pmu saw its TLS) and the misses (no TLS yet, no free row)."""
+        total = 0
+        strangers: dict[int, np.ndarray] = {}
+        for column in columns:
+            index, site = self.bank_of(column)
+            keys, rows, misses = self.banks[index].words()
+            if index not in strangers:
+                strangers[index] = np.array([int(k) not in known for k in keys])
+            total += int(rows[strangers[index], site].sum()) + int(misses[site])
+        return total
+
+    def free_rows(self, fs: int) -> None:
+        """Give fs's rows back: counts first, then the key, so a thread claiming a row finds it zeroed."""
+        for bank in self.banks:
+            keys, rows, _ = bank.words()
+            for index in np.flatnonzero(keys == fs):
+                rows[index] = 0
+                keys[index] = 0
 
     def _value(self) -> int:
         if self.locked:
@@ -186,13 +221,15 @@ class CounterArea:
 
     def set_enabled(self, column: int, on: bool) -> None:
         """Whether the site of `column` counts (its trampoline tests this byte first)."""
-        self.mem[trampoline.ENABLED + column] = self._value() if on else 0
+        index, site = self.bank_of(column)
+        self.banks[index].mem[trampoline.ENABLED + site] = self._value() if on else 0
 
     def _rewrite(self) -> None:
         value = self._value()
-        for column in range(trampoline.NSITES):
-            if self.mem[trampoline.ENABLED + column]:
-                self.mem[trampoline.ENABLED + column] = value
+        for bank in self.banks:
+            for site in range(trampoline.NSITES):
+                if bank.mem[trampoline.ENABLED + site]:
+                    bank.mem[trampoline.ENABLED + site] = value
 
     def lock(self) -> None:
         """From now on every hit's row increment is locked (see `locked`)."""
@@ -206,22 +243,16 @@ class CounterArea:
             self._rewrite()
 
     def copy_enabled(self, other: CounterArea) -> None:
-        """Every site enabled as in `other` (a forked child's own area, from its parent's)."""
+        """Every site enabled as in `other`, bank by bank (a forked child's own area, from its
+        parent's)."""
         enabled = slice(trampoline.ENABLED, trampoline.ENABLED + trampoline.NSITES)
-        self.mem[enabled] = other.mem[enabled]
+        for mine, theirs in zip(self.banks, other.banks, strict=False):
+            mine.mem[enabled] = theirs.mem[enabled]
         self.locked, self.tcb = other.locked, other.tcb
 
-    def format(self, pid: int) -> None:
-        """A new area's constants: the pid recording trampolines put in their records (a forked child's
-        own), and row 0 reserved (trampoline.RESERVED)."""
-        self.mem[trampoline.PID : trampoline.PID + 4] = pid.to_bytes(4, "little")
-        self.mem[trampoline.KEYS : trampoline.KEYS + 8] = trampoline.RESERVED.to_bytes(8, "little")
-
     def close(self) -> None:
-        with contextlib.suppress(BufferError, ValueError):
-            self.mem.close()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        for bank in self.banks:
+            bank.close()
 
 
 @dataclass(eq=False)

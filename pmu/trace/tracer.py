@@ -814,7 +814,8 @@ class Tracer(Breakpoints, Patches, Returns):
         mm.jumps.clear()
         stopped = [t for t in mm.tasks if t.state is TaskState.STOPPED]
         if stopped and mm.counters is not None:
-            self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, mm.counters.address, mm.counters.size)
+            for bank in mm.counters.banks:
+                self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, bank.address, bank.size)
             mm.counters = None
         if stopped and mm.ring is not None:  # pmu's own mapping stays, to drain what is in it
             self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, mm.ring.address, mm.ring.size)

@@ -20,6 +20,7 @@ import pytest
 from pmu.events.spec import parse_event
 from pmu.events.symbols import resolve_probe, resolve_target
 from tests.conftest import (
+    KPROBE_GROUP,
     TARGETS,
     KernelUprobes,
     _tracefs_write,
@@ -63,9 +64,9 @@ class Perf:
             kname = f"life_{name}"
             if kname not in self.kernel.names:
                 with contextlib.suppress(OSError):  # left over by a run that was killed
-                    _tracefs_write(f"-:pmutest/{kname}\n")
+                    _tracefs_write(f"-:{KPROBE_GROUP}/{kname}\n")
                 self.kernel.add(kname, path, off)
-            events[name] = f"pmutest:{kname}"
+            events[name] = f"{KPROBE_GROUP}:{kname}"
             args += ["-e", events[name]]
         r = subprocess.run([*args, "--", *argv], capture_output=True, text=True, timeout=HANG)
         counts = stat_counts(r.stderr)

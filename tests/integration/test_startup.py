@@ -18,6 +18,7 @@ import pytest
 from pmu.events.spec import parse_event
 from pmu.events.symbols import resolve_probe, resolve_target
 from tests.conftest import (
+    KPROBE_GROUP,
     NO_OPTIMIZE,
     TARGETS,
     KernelUprobes,
@@ -93,7 +94,7 @@ def _perf(perf: KernelUprobes, events: list[str], argv: list[str], exe: str | No
         spec = parse_event(e)
         probe = resolve_probe(spec, resolve_target(spec.target, exe))
         with contextlib.suppress(OSError):  # left over by a run that was killed
-            _tracefs_write(f"-:pmutest/startup{i}\n")
+            _tracefs_write(f"-:{KPROBE_GROUP}/startup{i}\n")
         names[e] = perf.add(f"startup{i}", probe.path, probe.file_offset)
     counts = perf.stat(list(names.values()), argv)
     perf.clear()

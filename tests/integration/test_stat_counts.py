@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
-from tests.conftest import per_thread_counts, processes_running, run_pmu, stat_counts
+import pytest
+
+from tests.conftest import NO_OPTIMIZE, TARGETS, per_thread_counts, processes_running, run_pmu, stat_counts
 
 
 def test_two_functions_single_thread(build):
@@ -104,3 +108,32 @@ def test_the_command_gets_the_environment_unchanged(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(r.stdout.splitlines()) == sorted(plain.stdout.splitlines())
     assert "OPENBLAS_NUM_THREADS" not in r.stdout and "PMU_TEST_MARK=1" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """tests/targets/many.c: a library of 1000 functions, and the program that calls each a known number
+    of times, linked against it (library last, for linkers that drop unneeded libraries)."""
+    out = tmp_path_factory.mktemp("many")
+    source = TARGETS / "many.c"
+    lib, exe = out / "libmany.so", out / "many"
+    subprocess.run(["gcc", "-O1", "-g", "-shared", "-fPIC", "-DLIB", "-o", lib, source], check=True)
+    link = ["-L", out, "-lmany", f"-Wl,-rpath,{out}"]
+    subprocess.run(["gcc", "-O1", "-g", "-DMAIN", "-o", exe, source, *link], check=True)
+    return lib, exe
+
+
+def test_a_thousand_probes_on_one_library(many: tuple[Path, Path]) -> None:
+    """1000 probes, one per function of a library: every one jump-optimized (there is no limit to the
+    optimized probes of a process: counter banks are added as they are needed), each count the
+    program's own."""
+    lib, exe = many
+    events = [f"uprobe:{lib}:f{k:03d}" for k in range(1000)]
+    r = run_pmu("stat", "-v", "-x,", *[a for e in events for a in ("-e", e)], "--", exe, "2")
+    assert r.returncode == 0, r.stderr
+    said = {f"uprobe:{lib}:{name}": int(n) for name, n in re.findall(r"^(f\d{3}) (\d+)$", r.stdout, re.M)}
+    assert len(said) == 1000
+    assert stat_counts(r.stderr) == said
+    how = re.findall(rf"^pmu: uprobe:{re.escape(str(lib))}:f\d{{3}}: (\w+)", r.stderr, re.M)
+    assert len(how) == 1000
+    assert set(how) == ({"int3"} if NO_OPTIMIZE else {"optimized"})
