@@ -5,7 +5,7 @@ traced process, which counts the hit per thread in shared memory: no ptrace stop
 
 - counting: `pmu stat` (optimized) on `work` in tests/targets/hot.c (`hot N` calls it N times) against a
   kernel uprobe at the same file offset counted by `perf stat` (target: pmu <= 1/300 of its cost per
-  hit) and against `uftrace record -P work`, which patches the function at run time (target: pmu <= 1/10).
+  hit) and against `uftrace record -P work`, which patches the function at run time (target: pmu <= 1/20, and at most 3 ns a hit).
 - threads: `pmu stat --per-thread` on tests/targets/mt.c with four threads on this machine's CPUs
   (`mt 4 K`: thread i calls work i*K times, 10K in all) against one thread with the same total
   (`mt 1 10K`): the cost per hit with four threads must be no worse than with one.
@@ -159,11 +159,12 @@ def build_tools(
     back = Readback({})
     notes: list[str] = []
     tools = [
-        Tool("baseline", n(10_000_000), n(50_000_000), lambda h, k: [h, k], baseline=None),
+        # N2 large enough that the hits' time (a few ns each) stands well above the runs' noise (~0.1 s)
+        Tool("baseline", n(10_000_000), n(300_000_000), lambda h, k: [h, k], baseline=None),
         Tool(
             PMU,
             n(10_000_000),
-            n(50_000_000),
+            n(300_000_000),
             lambda h, k: pmu_argv("stat", h, k, "-x,"),
             count=lambda done: csv_count(done.stderr, "uprobe:"),
             engine="optimized",
@@ -360,7 +361,11 @@ def summarize(rows: list[Row], back_lost: dict[str, int]) -> Summary:
     pmu = over.get(PMU)
     verdicts = [
         verdict(f"counting: {PMU} <= 1/300 of {KERNEL}", pmu, over.get(KERNEL), 1 / 300, "<= 1/300"),
-        verdict(f"counting: {PMU} <= 1/10 of {UFTRACE}", pmu, over.get(UFTRACE), 1 / 10, "<= 1/10"),
+        verdict(f"counting: {PMU} <= 1/20 of {UFTRACE}", pmu, over.get(UFTRACE), 1 / 20, "<= 1/20"),
+        (
+            f"counting: {PMU} <= 3 ns a hit: {'PASS' if pmu is not None and pmu <= 3e-9 else 'FAIL'} "
+            f"({'not measured' if pmu is None else f'{pmu * 1e9:.2f} ns'}; target <= 3 ns, issue 11)"
+        ),
         verdict(
             f"threads: cost per hit with {THREADS} threads <= with 1 (wall clock, {PMU_MT4} / {PMU_MT1})",
             over.get(PMU_MT4),
