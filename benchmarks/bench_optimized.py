@@ -5,7 +5,8 @@ traced process, which counts the hit per thread in shared memory: no ptrace stop
 
 - counting: `pmu stat` (optimized) on `work` in tests/targets/hot.c (`hot N` calls it N times) against a
   kernel uprobe at the same file offset counted by `perf stat` (target: pmu <= 1/300 of its cost per
-  hit) and against `uftrace record -P work`, which patches the function at run time (target: pmu <= 1/20, and at most 3 ns a hit).
+  hit) and against `uftrace record -P work`, which patches the function at run time (target: pmu <= 1/20),
+  and at most 3 ns a hit.
 - threads: `pmu stat --per-thread` on tests/targets/mt.c with four threads on this machine's CPUs
   (`mt 4 K`: thread i calls work i*K times, 10K in all) against one thread with the same total
   (`mt 1 10K`): the cost per hit with four threads must be no worse than with one.
