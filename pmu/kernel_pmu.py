@@ -401,6 +401,12 @@ class KernelUprobePmu(KernelPmu):
         path = resolve_target(spec.target, exe, target.mapped)
         probe = resolve_probe(spec, path)
         ret = spec.kind is ProbeKind.URETPROBE
+        if ret and attr.sample_args and self.recording:
+            raise KernelEventError(
+                f"{attr.name}: --args of a return probe are the function's arguments at its entry, which"
+                " the kernel's uretprobe does not keep (its registers are those at the return): record it"
+                " with the ptrace engine (--engine ptrace)"
+            )
         if attr.inherit and not target.system_wide:
             # Inherited to children: a tracefs probe (see pe.TraceUprobes), as perf probe makes.
             if not pe.TraceUprobes.available():

@@ -466,9 +466,20 @@ class UprobePmu(PmuBase):
         """Entry of a function with return probes: hijack its return if anything counts it."""
         entries = site.by_tid.get(task.tid)
         if entries and any(e.running for e in entries):
-            self.tracer.hijack_return(task, functools.partial(self._returned, site, addr))
+            # --args of a return probe: the function's arguments, as they are at its entry
+            nargs = max((e.nargs for e in entries if e.running and e.period), default=0)
+            args = self.tracer.arguments(task, nargs) if nargs else ()
+            self.tracer.hijack_return(task, functools.partial(self._returned, site, addr, args))
 
-    def _returned(self, site: _Site, addr: int, task: TraceTask, frame: ReturnFrame, retval: int) -> None:
+    def _returned(
+        self,
+        site: _Site,
+        addr: int,
+        args: tuple[int, ...],
+        task: TraceTask,
+        frame: ReturnFrame,
+        retval: int,
+    ) -> None:
         entries = site.by_tid.get(task.tid)
         if entries:
             latency = -1
@@ -479,7 +490,7 @@ class UprobePmu(PmuBase):
                     if entry.period and event.count % entry.period == 0:
                         if latency < 0:
                             latency = time.monotonic_ns() - frame.entry_ns
-                        self._sample(entry, task, addr, retval, latency, RECORD_RETURN)
+                        self._sample(entry, task, addr, retval, latency, RECORD_RETURN, args)
 
     def _sample(
         self,
@@ -489,11 +500,16 @@ class UprobePmu(PmuBase):
         retval: int = 0,
         latency_ns: int = -1,
         flags: int = 0,
+        at_entry: tuple[int, ...] | None = None,
     ) -> None:
+        """Record a hit; its arguments are the registers now, or `at_entry` (a return probe's)."""
         ring = self.ring
         if ring is None:
             return
-        args = self.tracer.arguments(task, entry.nargs) if entry.nargs else ()
+        if at_entry is not None:
+            args = at_entry[: entry.nargs]
+        else:
+            args = self.tracer.arguments(task, entry.nargs) if entry.nargs else ()
         ring.write(entry.index, time.monotonic_ns(), task.tid, task.pid, ip, args, retval, latency_ns, flags)
 
 

@@ -94,6 +94,33 @@ def test_return_probes_recursion_and_longjmp(build, tmp_path):
     assert len(df[df.event == "uretprobe:jumper"]) == 3  # half the rounds longjmp out of jumper
 
 
+def test_args_of_a_return_probe_are_those_of_its_entry(build, tmp_path):
+    """--args on a uretprobe records the function's arguments as they were at its entry, beside the
+    value it returned: every fib return has retval == fib(arg0), though rdi has changed by then."""
+    ret = build("ret")
+    out = tmp_path / "ret.parquet"
+    r = run_pmu("record", "--args", "2", "-o", out, "-e", "uretprobe:fib", "--", ret, "12", "2")
+    assert r.returncode == 0, r.stderr
+    df = pq.read_table(out).to_pandas()
+    fib = [0, 1]
+    for _ in range(2, 13):
+        fib.append(fib[-1] + fib[-2])
+    assert len(df) == 465  # fib(12) makes 465 calls
+    assert set(df["arg0"]) == set(range(13))
+    assert all(int(v) == fib[int(n)] for n, v in zip(df["arg0"], df["retval"], strict=True))
+
+
+def test_args_of_a_return_probe_are_refused_by_the_kernel_engine(build, tmp_path):
+    """The kernel's uretprobe has only the registers at the return: one line, exit 2, nothing written."""
+    ret = build("ret")
+    out = tmp_path / "ret.parquet"
+    argv = ["record", "--engine", "kernel", "--args", "1", "-o", out, "-e", "uretprobe:fib", "--", ret, "5"]
+    r = run_pmu(*argv)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "arguments at its entry" in r.stderr and "--engine ptrace" in r.stderr
+    assert not out.exists()
+
+
 def test_ring_too_small_counts_lost(build, tmp_path):
     hot = build("hot")
     out = tmp_path / "hot.parquet"
