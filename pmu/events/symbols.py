@@ -154,6 +154,8 @@ class _ElfInfo:
     """The preferred name at each start (parallel to starts), with the largest size seen there."""
     entries: frozenset[int] = frozenset()
     """The starts as a set."""
+    go: bool = False
+    """A Go program (.go.buildinfo or .note.go.buildid): its goroutines' stacks move."""
 
     def segment(self, vaddr: int) -> _Segment | None:
         return next((seg for seg in self.segments if seg.contains(vaddr)), None)
@@ -488,6 +490,7 @@ def _read_elf(elf: Any, path: str, file_size: int) -> _ElfInfo:
         starts=starts,
         at_start=tuple(best[start] for start in starts),
         entries=frozenset(starts),
+        go=any(sec.name in (".go.buildinfo", ".note.go.buildid") for sec in sections),
     )
 
 
@@ -684,6 +687,12 @@ def resolve_probe(spec: ProbeSpec, path: str) -> ResolvedProbe:
             raise SymbolError(
                 f"uretprobe at {vaddr:#x} is not on a function entry: it is {symbol}+{offset:#x} in {path}"
             )
+    if spec.kind is ProbeKind.URETPROBE and info.go:
+        raise SymbolError(
+            f"uretprobe:{symbol or hex(vaddr)}: {path} is a Go program, whose goroutine stacks move as they"
+            " grow and cannot carry a hijacked return address (kernel uretprobes crash it): probe the"
+            " entry (uprobe:) instead"
+        )
     return ResolvedProbe(
         path=path,
         key=FileKey.of(path),
