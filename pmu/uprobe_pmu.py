@@ -24,7 +24,7 @@ from pmu.events.event import Event, HookReason
 from pmu.events.spec import ProbeKind, ProbeSpec
 from pmu.events.symbols import ResolvedProbe, function_extent, resolve_probe, resolve_target
 from pmu.trace.maps import addresses_of, mapped_files
-from pmu.trace.patchsafety import check_jump_patch
+from pmu.trace.patchsafety import PatchPlan, check_jump_patch
 from pmu.trace.relocate import build_slot
 from pmu.trace.tasks import AddressSpace, JumpPatch, ReturnFrame, TaskState
 from pmu.trace.tasks import Task as TraceTask
@@ -312,22 +312,7 @@ class UprobePmu(PmuBase):
     # ---- jump-optimized sites --------------------------------------------------------------------
 
     def _jump_patch(self, site: _Site, addr: int) -> JumpPatch:
-        probe = site.probe
-        extent = function_extent(probe.path, probe.vaddr)
-        if extent is None:
-            raise RelocationError("the probe is not inside a function symbol")
-        start = addr - (probe.vaddr - extent.start)
-        # read/known_entries in the file's addresses: the site's offset into the function is the same
-        known = [start - extent.start + e for e in extent.entries]
-        plan = check_jump_patch(
-            extent.code,
-            start,
-            extent.size,
-            addr,
-            known_entries=known,
-            read=lambda at, n: extent.read(at - start + extent.start, n),
-            pointed=lambda lo, hi: extent.pointed(lo - start + extent.start, hi - start + extent.start),
-        )
+        plan = jump_plan(site.probe, addr)
         on = any(e.running for entries in site.by_tid.values() for e in entries)
         return self.tracer.jump_patch(site.mm, addr, plan, site.record, on)
 
@@ -511,6 +496,26 @@ class UprobePmu(PmuBase):
         else:
             args = self.tracer.arguments(task, entry.nargs) if entry.nargs else ()
         ring.write(entry.index, time.monotonic_ns(), task.tid, task.pid, ip, args, retval, latency_ns, flags)
+
+
+def jump_plan(probe: ResolvedProbe, addr: int | None = None) -> PatchPlan:
+    """Whether the probe's site, mapped at `addr` (default: the file's own address), takes a jump patch:
+    its plan, or PatchRefused / RelocationError saying why not (`pmu list -v` asks the same)."""
+    extent = function_extent(probe.path, probe.vaddr)
+    if extent is None:
+        raise RelocationError("the probe is not inside a function symbol")
+    addr = probe.vaddr if addr is None else addr
+    start = addr - (probe.vaddr - extent.start)
+    shift = start - extent.start  # from the file's addresses to the mapped ones
+    return check_jump_patch(
+        extent.code,
+        start,
+        extent.size,
+        addr,
+        known_entries=[e + shift for e in extent.entries],
+        read=lambda at, n: extent.read(at - shift, n),
+        pointed=lambda lo, hi: extent.pointed(lo - shift, hi - shift),
+    )
 
 
 def _owner_of(task: TraceTask, fs: int) -> TraceTask:

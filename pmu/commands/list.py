@@ -33,7 +33,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default="*",
         help="shell glob the names must match, e.g. 'mall*' (default: every function)",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="say of each function whether a probe at its entry is jump-optimized, or why it uses int3",
+    )
     p.set_defaults(func=run)
+
+
+def engines(path: str, found: list[str]) -> list[str]:
+    """`NAME  optimized` or `NAME  int3 (not optimized: WHY)` for each function, as pmu stat -v says it."""
+    from pmu.errors import PmuError, RelocationError
+    from pmu.events.spec import ProbeKind, ProbeSpec
+    from pmu.events.symbols import resolve_probe
+    from pmu.uprobe_pmu import jump_plan
+
+    width = max((len(name) for name in found), default=0)
+    lines = []
+    for name in found:
+        try:
+            jump_plan(resolve_probe(ProbeSpec(ProbeKind.UPROBE, path, name, 0, None, name), path))
+            how = "optimized"
+        except RelocationError as err:
+            how = f"int3 (not optimized: {err.message})"
+        except PmuError as err:
+            how = f"not probeable: {err.message}"
+        lines.append(f"{name:<{width}}  {how}")
+    return lines
 
 
 def counters() -> list[str]:
@@ -53,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         path = resolve_target(args.target, exe=None, mapped=())
         found = list_functions(path, args.pattern)
+        if args.verbose:
+            found = engines(path, found)
     try:
         sys.stdout.write("".join(f"{name}\n" for name in found))
         sys.stdout.flush()

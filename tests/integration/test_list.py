@@ -140,3 +140,26 @@ def test_closed_pipe_is_not_an_error() -> None:
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0
     assert stderr == ""
+
+
+def test_verbose_says_of_each_entry_what_stat_would_use(build):
+    """`pmu list -v`: each function with whether a probe at its entry is jump-optimized, or why not, as
+    `pmu stat -v` says when it probes them (the reasons' labels agree; addresses are the file's)."""
+    exe = str(build("reloc"))
+    listed = pmu("list", "-v", exe, "f_*")
+    assert listed.returncode == 0, listed.stderr
+    how = {name: rest.strip() for name, rest in (line.split(None, 1) for line in listed.stdout.splitlines())}
+    assert how["f_riprel"] == "optimized"
+    assert (
+        how["f_jmp"].startswith("int3 (not optimized: cannot place a jump at")
+        and "(past-symbol-end)" in how["f_jmp"]
+    )
+    events = [a for name in ("f_jmp", "f_riprel") for a in ("-e", f"uprobe:{name}")]
+    r = pmu("stat", "-v", "-x,", *events, "--", exe, "20")
+    assert r.returncode == 0, r.stderr
+    assert "pmu: uprobe:f_riprel: optimized" in r.stderr
+    assert "(past-symbol-end)" in next(
+        line for line in r.stderr.splitlines() if line.startswith("pmu: uprobe:f_jmp:")
+    )
+    plain = pmu("list", exe, "f_*")
+    assert plain.stdout.split() == list(how)  # -v adds to the names, in the same order
