@@ -41,7 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = _main(argv)
     except (MemoryError, SystemError) as err:  # out of _main's own handlers, which ran out of memory too
-        if os.environ.get("PMU_DEBUG") or not _for_want_of_memory(err):
+        try:
+            ours = isinstance(err, MemoryError) or _for_want_of_memory(err)
+            reraise = bool(os.environ.get("PMU_DEBUG")) or not ours
+        except MemoryError:  # not even enough to look at it: want of memory it is
+            reraise = False
+        if reraise:
             raise
         os.write(2, _OUT_OF_MEMORY_BYTES)  # nothing left to allocate a str with, maybe
         status = 2
