@@ -20,8 +20,9 @@ venv: $(STAMP)
 
 # Tools the tests compare against (perf, sqlite3) and build with (gcc); installed only where missing.
 .tools:
-	@command -v gcc >/dev/null && command -v perf >/dev/null && command -v sqlite3 >/dev/null || \
-	  (apt-get update -qq && apt-get install -y -qq gcc linux-perf sqlite3 libsqlite3-0 >/dev/null)
+	@command -v gcc >/dev/null && command -v g++ >/dev/null && command -v perf >/dev/null && \
+	  command -v sqlite3 >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq gcc g++ linux-perf sqlite3 libsqlite3-0 >/dev/null)
 	@# Go builds the Go program of tests/integration/test_go.py; its tests skip where it cannot install.
 	@command -v go >/dev/null || apt-get install -y -qq golang-go >/dev/null 2>&1 || \
 	  (apt-get update -qq && apt-get install -y -qq golang-go >/dev/null 2>&1) || true

@@ -3,7 +3,8 @@
 The return address at [RSP] is replaced by the address of an int3 pmu maps (the return trampoline) and
 kept on the thread's shadow stack, as the kernel's uretprobes do; at the trap the frame's handler runs
 and the thread goes on at the real return address. Every address is put back before a thread leaves
-pmu's care (`_unhijack`), and the trap guard knows the frames should pmu die (guard.py).
+pmu's care (`_unhijack`), and before an exception unwinds its stack (`_unwinding`, unwind.py); the trap
+guard knows the frames should pmu die (guard.py).
 
 A mixin of the Tracer (pmu/trace/tracer.py), as breakpoints.py is.
 """
@@ -14,12 +15,12 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
-from pmu.errors import TraceError
-from pmu.trace import guard
+from pmu.errors import RelocationError, TraceError
+from pmu.trace import guard, unwind
 from pmu.trace import ptrace_ops as pt
 from pmu.trace.breakpoints import INT3
 from pmu.trace.relocate import SLOT_SIZE
-from pmu.trace.tasks import AddressSpace, ReturnFrame, ReturnHandler, Task, TaskState
+from pmu.trace.tasks import AddressSpace, BreakpointHandler, ReturnFrame, ReturnHandler, Task, TaskState
 
 
 class Returns:
@@ -33,6 +34,8 @@ class Returns:
 
         def _guard(self, mm: AddressSpace, tid: int, ill: bool = False) -> guard.Guard | None: ...
 
+        def insert(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None: ...
+
     def return_trampoline(self, mm: AddressSpace, near: int) -> int:
         """The int3 hijacked returns land on in mm (made on first use, with every thread stopped)."""
         if mm.ret_tramp is None:
@@ -43,7 +46,62 @@ class Returns:
                     mm.write(g.base + guard.RET_TRAMP, slot.to_bytes(8, "little"))
                 mm.write(slot, INT3 * 2)  # the second for a trap dropped as pmu dies (guard.py)
                 mm.ret_tramp = slot
+            self._hook_unwinder(mm)
         return mm.ret_tramp
+
+    def _hook_unwinder(self, mm: AddressSpace) -> None:
+        """Once mm has return probes, break at the unwinder's entries in it (unwind.py): called when the
+        return trampoline is made and whenever files may have been mapped (dlopen of libgcc_s)."""
+        if mm.ret_tramp is None or mm.dead:
+            return
+        try:
+            found = unwind.entry_addresses(mm.pid)
+        except OSError:
+            return
+        for addr, name in found.items():
+            consumer = self._caught if name in unwind.CATCH else self._unwinding
+            bp = mm.breakpoints.get(addr)
+            if (bp is not None and consumer in bp.consumers) or addr in mm.jumps:
+                continue
+            with contextlib.suppress(RelocationError, OSError):
+                self.insert(mm, addr, consumer)
+                mm.internal[addr] = "catch" if name in unwind.CATCH else "unwind"
+
+    def _unwinding(self, task: Task) -> None:
+        """An exception (or a forced unwind) starts through the task's stack: every return address pmu
+        hijacked on it is put back first, so that the unwinder finds the real callers and the program
+        goes on as without pmu. The frames stay on the shadow stack, marked restored, until the handler
+        begins (`_caught`)."""
+        mm = task.mm
+        tramp = mm.ret_tramp
+        if tramp is None:
+            return
+        for frame in task.shadow:
+            if not frame.chained and not frame.restored:
+                with contextlib.suppress(OSError):
+                    if mm.read(frame.rsp, 8) == tramp.to_bytes(8, "little"):
+                        mm.write(frame.rsp, frame.orig.to_bytes(8, "little"))
+            frame.restored = True
+
+    def _caught(self, task: Task) -> None:
+        """A C++ handler begins (__cxa_begin_catch): the frames the exception unwound (below the stack
+        pointer now) are dropped, as frames left by longjmp; the ones it left alive are hijacked again,
+        so that their returns count."""
+        mm = task.mm
+        tramp = mm.ret_tramp
+        if tramp is None or not any(f.restored for f in task.shadow):
+            return
+        rsp = pt.peek_user(task.tid, pt.RSP)
+        shadow = task.shadow
+        while shadow and shadow[-1].restored and shadow[-1].rsp < rsp:
+            self._drop_frame(mm, shadow.pop())
+        for frame in shadow:
+            if frame.restored:
+                frame.restored = False
+                if not frame.chained:
+                    with contextlib.suppress(OSError):
+                        if mm.read(frame.rsp, 8) == frame.orig.to_bytes(8, "little"):
+                            mm.write(frame.rsp, tramp.to_bytes(8, "little"))
 
     def hijack_return(self, task: Task, handler: ReturnHandler) -> None:
         """At a function's entry: make its return trap, so that `handler` runs when it returns.

@@ -53,6 +53,8 @@ class ReturnFrame:
     chained: bool = False
     """The slot already held the trampoline (a tail call out of a probed function): returning from
     this frame also returns from the frame below it."""
+    restored: bool = False
+    """The real return address is back in the slot while an exception unwinds the stack (unwind.py)."""
 
 
 @dataclass(eq=False)

@@ -241,6 +241,7 @@ class Tracer(Breakpoints, Patches, Returns):
         if self.listener.awaits_mappings(task.mm) or not task.fs_base:
             self._hook_rtld(task)  # (no TLS yet: ld.so's first r_brk call comes once it is set up)
         self.listener.maps_changed(task.mm)
+        self._hook_unwinder(task.mm)
         self._watch_startup(task)
         for t in list(task.mm.tasks):
             if t.state is TaskState.STOPPED:
@@ -409,12 +410,14 @@ class Tracer(Breakpoints, Patches, Returns):
                 mm.ring.users += 1
             mm.columns = parent.mm.columns
             mm.locked = parent.mm.locked
-            for addr in mm.internal:
-                mm.breakpoints[addr].consumers.append(self._rtld_hit)
+            internal = {"r_brk": self._rtld_hit, "unwind": self._unwinding, "catch": self._caught}
+            for addr, purpose in mm.internal.items():
+                mm.breakpoints[addr].consumers.append(internal[purpose])
         child = Task(tid=child_tid, pid=parent.pid if thread else child_tid, mm=mm)
         if mm is not parent.mm:  # the child's stack is a copy: so are the hijacked returns on it
             child.shadow = [
-                ReturnFrame(f.rsp, f.orig, f.handler, f.entry_ns, f.chained) for f in parent.shadow
+                ReturnFrame(f.rsp, f.orig, f.handler, f.entry_ns, f.chained, f.restored)
+                for f in parent.shadow
             ]
         mm.tasks.add(child)
         self.tasks[child_tid] = child
@@ -474,6 +477,7 @@ class Tracer(Breakpoints, Patches, Returns):
             return None
         self._hook_rtld(task)
         self.listener.maps_changed(task.mm)
+        self._hook_unwinder(task.mm)
         self._watch_startup(task)
         return task
 
@@ -547,6 +551,7 @@ class Tracer(Breakpoints, Patches, Returns):
     def _rtld_hit(self, task: Task) -> None:
         self.fs_base(task)  # the dynamic linker has set up the main thread's TLS by its second call
         self.listener.maps_changed(task.mm)
+        self._hook_unwinder(task.mm)
         phase = self.starting.get(task)
         if phase is not None:
             state = self._rtld_state(task)
@@ -602,6 +607,7 @@ class Tracer(Breakpoints, Patches, Returns):
                 and result < (1 << 64) - 4096  # not -errno
             ):
                 self.listener.maps_changed(task.mm)
+                self._hook_unwinder(task.mm)
             phase.stops_left -= 1
             if phase.stops_left <= 0:
                 del self.starting[task]  # enough: the r_brk hook does the rest, as without this phase

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from pmu.events.spec import parse_event
 from pmu.events.symbols import resolve_probe
-from tests.conftest import run_pmu, stat_counts
+from tests.conftest import TARGETS, run_pmu, stat_counts
 
 FUNCS = ["fib", "jumper", "deep", "tail", "leaf"]
 
@@ -82,3 +84,35 @@ def test_detach_with_hijacked_returns(build, seconds):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def thrower(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/targets/throw.cc, built with g++."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    exe = tmp_path_factory.mktemp("cxx") / "throw"
+    subprocess.run(["g++", "-O1", "-g", "-o", exe, TARGETS / "throw.cc"], check=True)
+    return exe
+
+
+def test_cxx_exception_through_probed_frames(thrower: Path) -> None:
+    """An exception thrown through three frames with return probes: the program runs as without pmu
+    (kernel uretprobes make it abort: "terminate called after throwing an instance of ..."), because
+    pmu puts the real return addresses back when the unwinder starts and hijacks again, when the handler
+    begins, the frames it left alive. Returns count as the functions really return: inner returns when
+    it does not throw, middle and outer also when middle caught the exception."""
+    rounds = 10
+    bare = subprocess.run([thrower, str(rounds)], capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 0 and bare.stdout == "caught 5 sum 305\n"
+    names = {"inner": "_Z5innerl", "middle": "_Z6middlelb", "outer": "_Z5outerlb"}
+    events = [f"{kind}:{sym}" for sym in names.values() for kind in ("uprobe", "uretprobe")]
+    r = run_pmu("stat", "-x,", *[a for e in events for a in ("-e", e)], "--", thrower, str(rounds))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == bare.stdout
+    counts = stat_counts(r.stderr)
+    for sym in names.values():
+        assert counts[f"uprobe:{sym}"] == 2 * rounds
+    assert counts["uretprobe:_Z5innerl"] == rounds  # the odd ones: no throw
+    assert counts["uretprobe:_Z6middlelb"] == rounds + rounds // 2  # every catching call, odd others
+    assert counts["uretprobe:_Z5outerlb"] == rounds + rounds // 2
