@@ -81,7 +81,8 @@ NEW_ILL = 0x10A0
 SITES = 0x2000
 NSITES = 4096
 FRAMES = SITES + 32 * NSITES
-NFRAMES = 8192
+NFRAMES = 65536
+"""Hijacked returns a process can have live at once (recursion 10,000 deep in several threads)."""
 SIZE = FRAMES + 16 * NFRAMES
 CODE_PAGE = 0x1000
 SPARE_SAVE = 0x40

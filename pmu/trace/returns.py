@@ -26,6 +26,9 @@ from pmu.trace.tasks import AddressSpace, BreakpointHandler, ReturnFrame, Return
 class Returns:
     """The tracer's return hijacking (mixed into Tracer)."""
 
+    unguarded_returns = 0
+    """Entries whose return was not hijacked: more live frames than the trap guard can restore."""
+
     if TYPE_CHECKING:  # the Tracer's, which this class is mixed into
 
         def stopped(self, mm: AddressSpace) -> contextlib.AbstractContextManager[int]: ...
@@ -127,6 +130,9 @@ class Returns:
             while shadow and shadow[-1].rsp <= rsp:
                 self._drop_frame(mm, shadow.pop())
             entry = mm.guard.frame_entry(rsp, orig) if mm.guard is not None else None
+            if entry is None and mm.guard is not None:
+                self.unguarded_returns += 1  # the guard's table is full: this return is not probed,
+                return  # as it would not survive a pmu killed meanwhile
             if entry is not None:
                 mm.write(*entry)  # first: the slot is never the trampoline without its entry
             mm.write(rsp, tramp.to_bytes(8, "little"))

@@ -79,3 +79,38 @@ def test_sigkill_of_pmu_never_kills_the_target(build, events):
                 target.kill()
                 target.wait()
     assert not failures, failures
+
+
+def test_sigkill_of_pmu_while_threads_sit_deep_in_probed_recursion(build, tmp_path):
+    """4 threads 500 calls deep in a function with a return probe (every frame's return hijacked) when
+    `pmu stat -p` is SIGKILLed: each return goes back where it should without pmu (the trap guard has
+    every frame), and every thread's result is right."""
+    exe = str(build("deep_threads"))
+    ctl, ready, hold = tmp_path / "ctl", tmp_path / "ready", tmp_path / "hold"
+    for fifo in (ctl, ready, hold):
+        os.mkfifo(fifo)
+    target = subprocess.Popen([exe, str(ctl), str(ready), "4", "500"], stdout=subprocess.PIPE, text=True)
+    assert target.stdout is not None
+    try:
+        assert target.stdout.readline() == "started\n"
+        cmd = [sys.executable, "-m", "pmu", "stat", "-p", str(target.pid), "-e", f"uretprobe:{exe}:rec"]
+        # pmu's command starts the threads once pmu has attached, then holds pmu there until released
+        command = f"echo go > {ctl}; cat {hold} > /dev/null"
+        cmd += [*(["--no-optimize"] if NO_OPTIMIZE else []), "--", "sh", "-c", command]
+        pmu = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        try:
+            assert ready.read_text() == "bottom\n"  # every thread is 500 hijacked frames deep
+            assert _tracer(target.pid) == pmu.pid
+        finally:
+            pmu.kill()
+            pmu.wait()
+            os.close(os.open(hold, os.O_RDWR))  # the command's cat gets its end of file
+        while _tracer(target.pid) != 0:  # the kernel detaches the tracees of a dead tracer
+            time.sleep(0.001)
+        ctl.write_text("release\n")
+        out, _ = target.communicate(timeout=60)
+        assert (target.returncode, out) == (0, "ok 4\n")
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.wait()

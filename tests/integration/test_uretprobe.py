@@ -116,3 +116,13 @@ def test_cxx_exception_through_probed_frames(thrower: Path) -> None:
     assert counts["uretprobe:_Z5innerl"] == rounds  # the odd ones: no throw
     assert counts["uretprobe:_Z6middlelb"] == rounds + rounds // 2  # every catching call, odd others
     assert counts["uretprobe:_Z5outerlb"] == rounds + rounds // 2
+
+
+def test_recursion_ten_thousand_deep(build):
+    """10,001 nested frames of one function, every return hijacked at once: each return counted, the
+    result right (the trap guard's table holds them all, should pmu die meanwhile)."""
+    exe = build("deep")
+    r = run_pmu("stat", "-x,", "-e", "uprobe:down", "-e", "uretprobe:down", "--", exe, "10000")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "depth 10000\n"
+    assert stat_counts(r.stderr) == {"uprobe:down": 10_001, "uretprobe:down": 10_001}
