@@ -293,14 +293,20 @@ class TraceUprobes:
     @staticmethod
     def _sweep() -> None:
         """Delete the probes of pmu processes that are gone."""
-        try:
-            lines = (TRACEFS / "uprobe_events").read_text().splitlines()
-        except OSError:
-            return
-        for line in lines:
-            head = line.split(None, 1)[0] if line.strip() else ""
-            group, _, name = head[2:].partition("/")
-            pid = group.removeprefix("pmu_")
-            if group.startswith("pmu_") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                with contextlib.suppress(OSError):
-                    TraceUprobes._write(f"-:{group}/{name}\n")
+        sweep_stale_groups("pmu_")
+
+
+def sweep_stale_groups(prefix: str) -> None:
+    """Delete the tracefs uprobes of groups PREFIX<pid> whose process is gone (a pmu, or a test process,
+    killed before it deleted its own)."""
+    try:
+        lines = (TRACEFS / "uprobe_events").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        head = line.split(None, 1)[0] if line.strip() else ""
+        group, _, name = head[2:].partition("/")
+        pid = group.removeprefix(prefix)
+        if group.startswith(prefix) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(OSError):
+                TraceUprobes._write(f"-:{group}/{name}\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -169,15 +168,6 @@ def kernel_uprobes():
 
 def _sweep_stale_groups() -> None:
     """Delete the probes of test processes that are gone (killed before their fixture cleared them)."""
-    try:
-        with open("/sys/kernel/tracing/uprobe_events") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return
-    for line in lines:
-        head = line.split(None, 1)[0] if line.strip() else ""
-        group, _, name = head[2:].partition("/")
-        pid = group.removeprefix("pmutest")
-        if group.startswith("pmutest") and (not pid.isdigit() or not os.path.exists(f"/proc/{pid}")):
-            with contextlib.suppress(OSError):
-                _tracefs_write(f"-:{group}/{name}\n")
+    from pmu.perf_event import sweep_stale_groups
+
+    sweep_stale_groups("pmutest")
