@@ -27,6 +27,7 @@ from bench_stat import (
     ROOT,
     BenchError,
     bench_arguments,
+    commands_block,
     csv_count,
     log,
     machine,
@@ -158,14 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "- pmu's time includes its start-up (Python and its imports, about 0.4-0.7 s here: see the "
                 "pmu stat -a section); the hits cost it a few ns each, a kernel uprobe about 2 µs",
                 "",
-                "### Commands",
-                "",
-                "```sh",
-                f"SCRIPT='{SCRIPT.replace('ROUNDS', str(rounds)).strip()}'",
-                f"echo 'p:{GROUP}/NAME {PYTHON}:OFFSET' >> /sys/kernel/tracing/uprobe_events  # each one",
-                f"perf stat -x, -e {GROUP}:NAME ... -- {shown}",
-                f"python -m pmu stat -v -x, -e uprobe:{PYTHON}:FUNCTION ... -- {shown}",
-                "```",
+                *commands_block(
+                    [
+                        f"SCRIPT='{SCRIPT.replace('ROUNDS', str(rounds)).strip()}'",
+                        f"echo 'p:{GROUP}/NAME {PYTHON}:OFFSET' >> /sys/kernel/tracing/uprobe_events",
+                        f"perf stat -x, -e {GROUP}:NAME ... -- {shown}",
+                        f"python -m pmu stat -v -x, -e uprobe:{PYTHON}:FUNCTION ... -- {shown}",
+                    ]
+                ),
                 "",
             ]
         )

@@ -57,6 +57,7 @@ from bench_stat import (
     bench_arguments,
     chosen,
     commands,
+    commands_block,
     compile_hot,
     compile_target,
     csv_count,
@@ -499,11 +500,7 @@ def section(
         *(f"- **{v}**" for v in summary.verdicts),
         *(f"- {f}" for f in summary.findings),
         "",
-        "### Commands",
-        "",
-        "```sh",
-        *commands(tools, tmp, builds),
-        "```",
+        *commands_block(commands(tools, tmp, builds)),
     ]
     if notes:
         parts += ["", "### Notes", "", *(f"- {n}" for n in notes)]

@@ -43,6 +43,7 @@ from bench_stat import (
     bench_arguments,
     chosen,
     commands,
+    commands_block,
     compile_hot,
     file_offset,
     kernel_probe,
@@ -450,11 +451,7 @@ def section(
         "",
         *(f"- **{line}**" for line in ratios(overhead, cpu)),
         "",
-        "### Commands",
-        "",
-        "```sh",
-        *commands(tools, tmp),
-        "```",
+        *commands_block(commands(tools, tmp)),
     ]
     if notes:
         parts += ["", "### Notes", "", *(f"- {n}" for n in notes)]

@@ -659,6 +659,12 @@ def commands(tools: list[Tool], tmp: str, builds: Sequence[str] | None = None) -
 
 # ----------------------------------------------------------------------------------------- RESULTS.md
 
+
+def commands_block(lines: Sequence[str]) -> list[str]:
+    """A section's "### Commands": the exact commands, as a sh code block."""
+    return ["### Commands", "", "```sh", *lines, "```"]
+
+
 RESULTS_HEADER = (
     "# pmu benchmarks\n\n"
     "Each `##` section is written by one script run with `--results benchmarks/RESULTS.md`, which "
@@ -767,11 +773,7 @@ def report(
         *(f"- **{v}**" for v in summary.verdicts),
         *(f"- {f}" for f in summary.findings),
         "",
-        "### Commands",
-        "",
-        "```sh",
-        *commands(tools, tmp),
-        "```",
+        *commands_block(commands(tools, tmp)),
     ]
     if notes:
         parts += ["", "### Notes", "", *(f"- {n}" for n in notes)]
