@@ -126,3 +126,23 @@ def test_recursion_ten_thousand_deep(build):
     assert r.returncode == 0, r.stderr
     assert r.stdout == "depth 10000\n"
     assert stat_counts(r.stderr) == {"uprobe:down": 10_001, "uretprobe:down": 10_001}
+
+
+@pytest.mark.parametrize("stack", ["main", "alt"])
+def test_signal_handlers_calling_probed_functions(build, stack):
+    """A probed function called from a signal handler that interrupts another probed frame, on the same
+    stack or on a sigaltstack: output as without pmu, every entry's return counted."""
+    exe = build("sig_ret")
+    argv = [exe, *(["alt"] if stack == "alt" else [])]
+    bare = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 0 and bare.stdout == "s 60 handled 165\n"
+    events = ["uprobe:f", "uretprobe:f", "uprobe:outer", "uretprobe:outer"]
+    r = run_pmu("stat", "-x,", *[a for e in events for a in ("-e", e)], "--", *argv)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == bare.stdout
+    assert stat_counts(r.stderr) == {
+        "uprobe:f": 30,
+        "uretprobe:f": 30,
+        "uprobe:outer": 5,
+        "uretprobe:outer": 5,
+    }
