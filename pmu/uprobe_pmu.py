@@ -103,6 +103,9 @@ class UprobePmu(PmuBase):
         self._vforks: dict[int, tuple[AddressSpace, int, int, np.ndarray]] = {}
         """vfork children still in their parent's memory: (mm, parent tid, FS base, row at vfork)."""
         self._how: dict[tuple[ResolvedProbe, ProbeKind], str] = {}
+        self._lost: dict[ResolvedProbe, int] = {}
+        """Frames of each return probe left without returning (longjmp, an exception), for -v."""
+        tracer.on_frame_lost = self._frame_lost
         """How each probe was served (for -v), kept after the run."""
         self._resolved: dict[ProbeSpec, ResolvedProbe] = {}
         self._sites: dict[tuple[AddressSpace, ResolvedProbe, bool], _Site] = {}
@@ -417,8 +420,20 @@ class UprobePmu(PmuBase):
         area.free_rows(fs)
 
     def describe(self, event: Event) -> str:
-        """How the event's probe is served, for -v: a jump patch, or int3 and why not a jump."""
-        return self._how.get((event.pmu_private, event.attr.probe.kind), "not armed")
+        """How the event's probe is served, for -v: a jump patch, or int3 and why not a jump; for a
+        return probe, how many entries never returned (their frames left by longjmp or an exception:
+        the entries are the returns counted plus these)."""
+        how = self._how.get((event.pmu_private, event.attr.probe.kind), "not armed")
+        lost = self._lost.get(event.pmu_private, 0) if event.attr.probe.kind is ProbeKind.URETPROBE else 0
+        if lost:
+            how += f"; {lost:,} frame{'s' if lost > 1 else ''} left without returning (longjmp, an exception)"
+        return how
+
+    def _frame_lost(self, frame: ReturnFrame) -> None:
+        handler = frame.handler
+        if isinstance(handler, functools.partial) and handler.func == self._returned:
+            probe = handler.args[0].probe
+            self._lost[probe] = self._lost.get(probe, 0) + 1
 
     def _note_how(self, site: _Site) -> None:
         if site.jumps and not (site.addrs - set(site.jumps)):

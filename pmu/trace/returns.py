@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pmu.errors import RelocationError, TraceError
@@ -28,6 +29,8 @@ class Returns:
 
     unguarded_returns = 0
     """Entries whose return was not hijacked: more live frames than the trap guard can restore."""
+    on_frame_lost: Callable[[ReturnFrame], None] | None = None
+    """Called for a hijacked frame left without returning (longjmp over it, an exception through it)."""
 
     if TYPE_CHECKING:  # the Tracer's, which this class is mixed into
 
@@ -97,7 +100,9 @@ class Returns:
         rsp = pt.peek_user(task.tid, pt.RSP)
         shadow = task.shadow
         while shadow and shadow[-1].restored and shadow[-1].rsp < rsp:
-            self._drop_frame(mm, shadow.pop())
+            frame = shadow.pop()  # unwound by the exception
+            self._drop_frame(mm, frame)
+            self._lost(frame)
         for frame in shadow:
             if frame.restored:
                 frame.restored = False
@@ -123,12 +128,14 @@ class Returns:
         chained = orig == tramp
         if chained:
             while shadow and shadow[-1].rsp < rsp:
-                shadow.pop()
+                self._lost(shadow.pop())
             if not shadow:  # not one of ours after all: leave it alone
                 return
         else:
             while shadow and shadow[-1].rsp <= rsp:
-                self._drop_frame(mm, shadow.pop())
+                frame = shadow.pop()
+                self._drop_frame(mm, frame)
+                self._lost(frame)
             entry = mm.guard.frame_entry(rsp, orig) if mm.guard is not None else None
             if entry is None and mm.guard is not None:
                 self.unguarded_returns += 1  # the guard's table is full: this return is not probed,
@@ -149,7 +156,9 @@ class Returns:
         slot = pt.peek_user(task.tid, pt.RSP) - 8
         shadow = task.shadow
         while shadow and shadow[-1].rsp < slot:
-            self._drop_frame(task.mm, shadow.pop())  # frames longjmp'd over
+            frame = shadow.pop()  # longjmp'd over
+            self._drop_frame(task.mm, frame)
+            self._lost(frame)
         if not shadow:
             raise TraceError(
                 f"thread {task.tid} returned through pmu's trampoline with no frame to return to"
@@ -176,6 +185,10 @@ class Returns:
                 mm.write(frame.rsp, frame.orig.to_bytes(8, "little"))
             self._drop_frame(mm, frame)
         task.shadow.clear()
+
+    def _lost(self, frame: ReturnFrame) -> None:
+        if self.on_frame_lost is not None:
+            self.on_frame_lost(frame)
 
     @staticmethod
     def _drop_frame(mm: AddressSpace, frame: ReturnFrame) -> None:

@@ -41,10 +41,17 @@ def test_entries_returns_longjmp_and_tail_calls(build):
     ret = build("ret")
     plain = subprocess.run([ret, "12", "6"], capture_output=True, text=True)
     events = [a for f in FUNCS for a in ("-e", f"uretprobe:{f}", "-e", f"uprobe:{f}")]
-    r = run_pmu("stat", "-x,", *events, "--", ret, "12", "6")
+    r = run_pmu("stat", "-v", "-x,", *events, "--", ret, "12", "6")
     assert r.returncode == 0, r.stderr
     assert r.stdout == plain.stdout  # longjmp over a probed frame and tail calls behave as without pmu
-    assert stat_counts(r.stderr) == _expected(12, 6)
+    counts = stat_counts(r.stderr)
+    assert counts == _expected(12, 6)
+    # -v reports the frames longjmp left: entries = returns + those
+    for f in ("jumper", "deep"):
+        lost = re.search(rf"^pmu: uretprobe:{f}: .*; (\d+) frames? left without returning", r.stderr, re.M)
+        assert lost is not None, r.stderr
+        assert counts[f"uretprobe:{f}"] + int(lost.group(1)) == counts[f"uprobe:{f}"]
+    assert not re.search(r"^pmu: uretprobe:(fib|tail|leaf): .*left without returning", r.stderr, re.M)
 
 
 def test_equal_to_kernel_uretprobes(build, kernel_uprobes):
@@ -107,12 +114,18 @@ def test_cxx_exception_through_probed_frames(thrower: Path) -> None:
     assert bare.returncode == 0 and bare.stdout == "caught 5 sum 305\n"
     names = {"inner": "_Z5innerl", "middle": "_Z6middlelb", "outer": "_Z5outerlb"}
     events = [f"{kind}:{sym}" for sym in names.values() for kind in ("uprobe", "uretprobe")]
-    r = run_pmu("stat", "-x,", *[a for e in events for a in ("-e", e)], "--", thrower, str(rounds))
+    r = run_pmu("stat", "-v", "-x,", *[a for e in events for a in ("-e", e)], "--", thrower, str(rounds))
     assert r.returncode == 0, r.stderr
     assert r.stdout == bare.stdout
     counts = stat_counts(r.stderr)
     for sym in names.values():
         assert counts[f"uprobe:{sym}"] == 2 * rounds
+        # -v: entries = returns + frames left without returning, reported
+        lost = re.search(
+            rf"^pmu: uretprobe:{sym}: .*; ([\d,]+) frames? left without returning", r.stderr, re.M
+        )
+        assert lost is not None, r.stderr
+        assert counts[f"uretprobe:{sym}"] + int(lost.group(1).replace(",", "")) == 2 * rounds
     assert counts["uretprobe:_Z5innerl"] == rounds  # the odd ones: no throw
     assert counts["uretprobe:_Z6middlelb"] == rounds + rounds // 2  # every catching call, odd others
     assert counts["uretprobe:_Z5outerlb"] == rounds + rounds // 2
