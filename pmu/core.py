@@ -202,10 +202,43 @@ class Pmu(Protocol):
         PMU): the output says `<not supported>`, as perf's, rather than failing the run."""
         ...
 
+    def latency(self, attr: EventAttr) -> Latency | None:
+        """The latencies of a return probe's calls with attr.latency (its inherited copies' included), or
+        None when the backend keeps none."""
+        ...
+
     def flush(self) -> None:
         """The run is over and every event removed: bring counts that the backend could still update
         (a kernel counter of a task that was exiting) to their final value, and release everything."""
         ...
+
+
+@dataclass
+class Latency:
+    """A log2 histogram of call latencies: buckets[b] counts the calls of b-bit nanoseconds (2**(b-1) to
+    2**b - 1; bucket 0 is 0 ns), kept per call without a record; plus their exact sum, for the mean."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * 65)
+    total_ns: int = 0
+
+    def add(self, ns: int) -> None:
+        ns = max(ns, 0)
+        self.buckets[min(ns.bit_length(), 64)] += 1
+        self.total_ns += ns
+
+    @property
+    def calls(self) -> int:
+        return sum(self.buckets)
+
+    def percentile(self, q: float) -> int:
+        """An upper bound of the q-th percentile (0 < q <= 100): the top of the bucket it falls in."""
+        rank = q / 100 * self.calls
+        seen = 0
+        for bits, n in enumerate(self.buckets):
+            seen += n
+            if n and seen >= rank:
+                return (1 << bits) - 1
+        return 0
 
 
 class PmuBase:
@@ -263,6 +296,9 @@ class PmuBase:
 
     def supported(self, event: Event) -> bool:
         return True
+
+    def latency(self, attr: EventAttr) -> Latency | None:
+        return None
 
     def flush(self) -> None:
         return None

@@ -22,7 +22,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from pmu import environ, stopping
-from pmu.core import NEEDS_TRACER, Pmu, PmuEnv, Target, make_pmu
+from pmu.core import NEEDS_TRACER, Latency, Pmu, PmuEnv, Target, make_pmu
 from pmu.core import Task as AnyTask
 from pmu.errors import FileError, ProcessError, UsageError
 from pmu.events.attr import EventAttr
@@ -592,6 +592,10 @@ class Evlist:
         if not evsel.events:
             return "not opened"
         return self.pmus[evsel.attr.pmu].describe(evsel.events[0])
+
+    def latency(self, evsel: Evsel) -> Latency | None:
+        """The latencies of the evsel's calls (a return probe counted with --latency), else None."""
+        return self.pmus[evsel.attr.pmu].latency(evsel.attr)
 
     def supported(self, evsel: Evsel) -> bool:
         """False when the machine cannot count the evsel's event (perf's `<not supported>`)."""

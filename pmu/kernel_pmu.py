@@ -401,6 +401,11 @@ class KernelUprobePmu(KernelPmu):
         path = resolve_target(spec.target, exe, target.mapped)
         probe = resolve_probe(spec, path)
         ret = spec.kind is ProbeKind.URETPROBE
+        if ret and attr.latency:
+            raise KernelEventError(
+                f"{attr.name}: --latency needs each call's entry time, which the kernel's uretprobe does not"
+                " keep: count it with the ptrace engine (--engine ptrace)"
+            )
         if ret and attr.sample_args and self.recording:
             raise KernelEventError(
                 f"{attr.name}: --args of a return probe are the function's arguments at its entry, which"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pmu.core import EF_START, EF_UPDATE, PmuBase, PmuEnv, Target, Task
+from pmu.core import EF_START, EF_UPDATE, Latency, PmuBase, PmuEnv, Target, Task
 from pmu.errors import RelocationError, TraceError
 from pmu.events.attr import EventAttr
 from pmu.events.event import Event, HookReason
@@ -103,6 +103,8 @@ class UprobePmu(PmuBase):
         self._vforks: dict[int, tuple[AddressSpace, int, int, np.ndarray]] = {}
         """vfork children still in their parent's memory: (mm, parent tid, FS base, row at vfork)."""
         self._how: dict[tuple[ResolvedProbe, ProbeKind], str] = {}
+        self._latency: dict[EventAttr, Latency] = {}
+        """The latencies of each return probe with --latency, by attr (its inherited copies in one)."""
         self._lost: dict[ResolvedProbe, int] = {}
         """Frames of each return probe left without returning (longjmp, an exception), for -v."""
         tracer.on_frame_lost = self._frame_lost
@@ -429,6 +431,11 @@ class UprobePmu(PmuBase):
             how += f"; {lost:,} frame{'s' if lost > 1 else ''} left without returning (longjmp, an exception)"
         return how
 
+    def latency(self, attr: EventAttr) -> Latency | None:
+        if not attr.latency:
+            return None
+        return self._latency.get(attr, Latency())
+
     def _frame_lost(self, frame: ReturnFrame) -> None:
         handler = frame.handler
         if isinstance(handler, functools.partial) and handler.func == self._returned:
@@ -487,6 +494,10 @@ class UprobePmu(PmuBase):
                 if entry.running:
                     event = entry.event
                     event.count += 1
+                    if event.attr.latency:
+                        if latency < 0:
+                            latency = time.monotonic_ns() - frame.entry_ns
+                        self._latency.setdefault(event.attr, Latency()).add(latency)
                     if entry.period and event.count % entry.period == 0:
                         if latency < 0:
                             latency = time.monotonic_ns() - frame.entry_ns

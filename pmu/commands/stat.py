@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import locale
 import sys
 
@@ -18,10 +19,11 @@ from pmu.commands.options import (
     report_engines_and_errors,
     system_wide_cpus,
 )
+from pmu.core import Latency
 from pmu.errors import FileError, UsageError
 from pmu.events.attr import EventAttr
 from pmu.events.counters import DEFAULT_SET
-from pmu.events.spec import parse_event_list
+from pmu.events.spec import EventSpec, ProbeKind, ProbeSpec, parse_event_list
 from pmu.evlist import Evlist
 from pmu.output.stat import NumberFormat, StatLine, StatReport, shadow_metrics, write
 
@@ -51,6 +53,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "-A", "--no-aggr", action="store_true", help="with -a/-C: one line per CPU, as perf stat -A"
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write the counts to FILE instead of stderr")
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="for return probes (uretprobe:): each call's latency into a log2 histogram, then its mean"
+        " and percentiles (no record per call)",
+    )
     add_target_options(p)
     p.set_defaults(func=run)
 
@@ -66,6 +74,12 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
     specs = parse_event_list(args.event or [",".join(default)])
     at_exec = launched(args) and not system_wide
     used = engine(args)
+
+    def returns(spec: EventSpec) -> bool:
+        return isinstance(spec, ProbeSpec) and spec.kind is ProbeKind.URETPROBE
+
+    if getattr(args, "latency", False) and not any(returns(spec) for spec in specs):
+        raise UsageError("--latency measures return probes: give one with -e uretprobe:TARGET:FUNCTION")
     return [
         EventAttr(
             spec=spec,
@@ -73,6 +87,7 @@ def build_attrs(args: argparse.Namespace) -> list[EventAttr]:
             disabled=at_exec or system_wide,
             enable_on_exec=at_exec,
             inherit=not args.no_inherit,
+            latency=getattr(args, "latency", False) and returns(spec),
         )
         for spec in specs
     ]
@@ -151,5 +166,32 @@ def run(args: argparse.Namespace) -> int:
             raise FileError(f"cannot write {args.output}: {err.strerror}") from None
     else:
         write(report, sys.stderr, csv_sep=args.sep, json=args.json, numbers=numbers)
+    if args.latency:
+        latencies = [(evsel.name, evlist.latency(evsel)) for evsel in evlist.evsels]
+        out = [latency_line(name, lat, args.sep, args.json) for name, lat in latencies if lat is not None]
+        if args.output:
+            with contextlib.suppress(OSError), open(args.output, "a") as f:
+                f.write("".join(out))
+        else:
+            sys.stderr.write("".join(out))
     report_engines_and_errors(evlist, args.verbose)
     return result.status
+
+
+PERCENTILES = (50, 90, 99)
+
+
+def latency_line(name: str, lat: Latency, sep: str | None, as_json: bool) -> str:
+    """One event's latencies: calls, mean, and p50/p90/p99 as the top of their log2 bucket (so "p99 <=
+    X"), in the output's form (text comment, -x fields, -j object)."""
+    calls = lat.calls
+    mean = lat.total_ns // calls if calls else 0
+    tops = [lat.percentile(q) for q in PERCENTILES]
+    if as_json:
+        fields = {"event": name, "latency-calls": calls, "latency-mean-ns": mean}
+        fields.update({f"latency-p{q}-ns": top for q, top in zip(PERCENTILES, tops, strict=True)})
+        return json.dumps(fields) + "\n"
+    if sep is not None:
+        return sep.join([name, "latency", str(calls), str(mean), *map(str, tops)]) + "\n"
+    shown = ", ".join(f"p{q} <= {top:,} ns" for q, top in zip(PERCENTILES, tops, strict=True))
+    return f"# latency of {name}: {calls:,} calls, mean {mean:,} ns; {shown} (log2 buckets)\n"

@@ -38,6 +38,8 @@ class EventAttr:
     """0: count only. N>0: write a record for every N-th hit into the event's ring buffer."""
     sample_args: int = 0
     """Number of x86-64 SysV argument registers (0..6) to store in each sample record."""
+    latency: bool = False
+    """A return probe also keeps a log2 histogram of its calls' latencies (pmu stat --latency)."""
     read_format: ReadFormat = ReadFormat()
     """What a read returns besides the count."""
 

@@ -159,3 +159,27 @@ def test_signal_handlers_calling_probed_functions(build, stack):
         "uprobe:outer": 5,
         "uretprobe:outer": 5,
     }
+
+
+def test_latency_of_a_return_probe(build):
+    """pmu stat --latency: calls, mean and percentiles (tops of log2 buckets) of a return probe's calls,
+    each within what the caller's own clock readings around the call allow: no less than the 1 ms the
+    function sleeps, a mean no more than the caller's."""
+    exe = build("timed")
+    r = run_pmu("stat", "--latency", "-x,", "-e", "uretprobe:nap", "--", exe, "20", "1000")
+    assert r.returncode == 0, r.stderr
+    said = dict(zip(*[iter(r.stdout.split())] * 2, strict=True))
+    line = next(x for x in r.stderr.splitlines() if x.startswith("uretprobe:nap,latency,"))
+    calls, mean, p50, p90, p99 = map(int, line.split(",")[2:])
+    assert calls == 20 == int(said["calls"])
+    assert 1_000_000 <= mean <= int(said["mean_ns"])
+    assert 1_000_000 <= p50 <= p90 <= p99
+    assert p99 < 2 * int(said["max_ns"])  # the top of the bucket of the longest call at most
+
+
+def test_latency_needs_a_return_probe_and_the_ptrace_engine(build):
+    exe = build("timed")
+    r = run_pmu("stat", "--latency", "-e", "uprobe:nap", "--", exe, "1", "1")
+    assert r.returncode == 2 and r.stderr.startswith("pmu: --latency measures return probes"), r.stderr
+    r = run_pmu("stat", "--engine", "kernel", "--latency", "-e", "uretprobe:nap", "--", exe, "1", "1")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--engine ptrace" in r.stderr
