@@ -28,7 +28,7 @@ CATCH = ("__cxa_begin_catch",)
 ENTRIES = UNWIND + CATCH
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)  # by file version: a process maps a few hundred files at most
 def _entry_offsets(path: str, dev: int, ino: int, mtime_ns: int) -> tuple[tuple[str, int], ...]:
     """(name, file offset) of the unwinder entries `path` defines (none for most files)."""
     try:
