@@ -202,6 +202,11 @@ class Pmu(Protocol):
         PMU): the output says `<not supported>`, as perf's, rather than failing the run."""
         ...
 
+    def warnings(self) -> list[str]:
+        """Lines to print after the run (without "pmu: "): what the user must know of an event that
+        counted nothing for a reason the backend can name (a probe armed nowhere)."""
+        ...
+
     def latency(self, attr: EventAttr) -> Latency | None:
         """The latencies of a return probe's calls with attr.latency (its inherited copies' included), or
         None when the backend keeps none."""
@@ -299,6 +304,9 @@ class PmuBase:
 
     def latency(self, attr: EventAttr) -> Latency | None:
         return None
+
+    def warnings(self) -> list[str]:
+        return []
 
     def flush(self) -> None:
         return None

@@ -602,7 +602,8 @@ class Evlist:
         return not evsel.events or self.pmus[evsel.attr.pmu].supported(evsel.events[0])
 
     def errors(self) -> list[str]:
-        """One line per evsel whose events failed to be scheduled (the reason the scheduler kept)."""
+        """One line per evsel whose events failed to be scheduled (the reason the scheduler kept), then
+        the backends' warnings (a probe armed nowhere)."""
         out = []
         for evsel in self.evsels:
             for e in evsel.events:
@@ -610,6 +611,8 @@ class Evlist:
                 if err is not None:
                     out.append(f"{evsel.name}: {err.message}")
                     break
+        for pmu in self.pmus.values():
+            out += pmu.warnings()
         return out
 
     def read(self, evsel: Evsel) -> Counts | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +106,11 @@ class UprobePmu(PmuBase):
         self._how: dict[tuple[ResolvedProbe, ProbeKind], str] = {}
         self._latency: dict[EventAttr, Latency] = {}
         """The latencies of each return probe with --latency, by attr (its inherited copies in one)."""
+        self._armed: set[ResolvedProbe] = set()
+        """Probes armed at some address of some traced process during the run."""
+        self._mapped: set[str] = set()
+        """Files mapped executable by processes where a probe found no address (for `warnings`)."""
+        self._probes: dict[EventAttr, ResolvedProbe] = {}
         self._lost: dict[ResolvedProbe, int] = {}
         """Frames of each return probe left without returning (longjmp, an exception), for -v."""
         tracer.on_frame_lost = self._frame_lost
@@ -172,6 +178,7 @@ class UprobePmu(PmuBase):
             with contextlib.suppress(OSError):
                 mapped = mapped_files(task.mm.maps())
         event.pmu_private = self.resolve(event.attr.probe, mapped)
+        self._probes.setdefault(event.attr, event.pmu_private)
 
     def add(self, event: Event, flags: int) -> bool:
         task = event.task
@@ -278,6 +285,10 @@ class UprobePmu(PmuBase):
             return
         probe = site.probe
         now = set(addresses_of(maps, probe.key.dev, probe.key.ino, probe.file_offset))
+        if now:
+            self._armed.add(probe)
+        else:
+            self._mapped.update(m.path for m in maps if m.executable and m.path.startswith("/"))
         for addr in site.addrs - now:
             self.tracer.forget_mapping(mm, addr)
             site.hooks.pop(addr, None)
@@ -430,6 +441,21 @@ class UprobePmu(PmuBase):
         if lost:
             how += f"; {lost:,} frame{'s' if lost > 1 else ''} left without returning (longjmp, an exception)"
         return how
+
+    def warnings(self) -> list[str]:
+        """A probe armed nowhere in the whole run (perf prints a silent 0 there): one line each, naming
+        what the processes mapped instead under the file's name (a pyenv build's own libpython, say)."""
+        out = []
+        for attr, probe in self._probes.items():
+            if probe in self._armed:
+                continue
+            stem = os.path.basename(probe.path).split(".so")[0]
+            alike = sorted(
+                p for p in self._mapped if os.path.basename(p).startswith(stem) and p != probe.path
+            )
+            instead = f"; they mapped {', '.join(alike)} instead" if alike else ""
+            out.append(f"{attr.name}: never armed: no traced process mapped {probe.path}{instead}")
+        return out
 
     def latency(self, attr: EventAttr) -> Latency | None:
         if not attr.latency:

@@ -137,3 +137,21 @@ def test_a_thousand_probes_on_one_library(many: tuple[Path, Path]) -> None:
     how = re.findall(rf"^pmu: uprobe:{re.escape(str(lib))}:f\d{{3}}: (\w+)", r.stderr, re.M)
     assert len(how) == 1000
     assert set(how) == ({"int3"} if NO_OPTIMIZE else {"optimized"})
+
+
+def test_a_probe_armed_nowhere_says_what_was_mapped_instead(many: tuple[Path, Path], tmp_path: Path) -> None:
+    """A probe on a copy of a library the program does not map (as a short name that resolved to the
+    system's libpython while a pyenv python maps its own): one warning line after the counts naming the
+    file mapped under that name, where perf prints a silent 0."""
+    lib, exe = many
+    other = tmp_path / "libmany.so"
+    other.write_bytes(lib.read_bytes())
+    r = run_pmu("stat", "-x,", "-e", f"uprobe:{other}:f001", "--", exe, "1")
+    assert r.returncode == 0, r.stderr
+    assert stat_counts(r.stderr) == {f"uprobe:{other}:f001": 0}
+    warning = [line for line in r.stderr.splitlines() if line.startswith("pmu: ")]
+    assert warning == [
+        f"pmu: uprobe:{other}:f001: never armed: no traced process mapped {other}; they mapped {lib} instead"
+    ]
+    r = run_pmu("stat", "-x,", "-e", f"uprobe:{lib}:f001", "--", exe, "1")
+    assert not [line for line in r.stderr.splitlines() if line.startswith("pmu: ")], r.stderr
