@@ -455,6 +455,12 @@ class UprobePmu(PmuBase):
             )
             instead = f"; they mapped {', '.join(alike)} instead" if alike else ""
             out.append(f"{attr.name}: never armed: no traced process mapped {probe.path}{instead}")
+        skipped = self.tracer.unguarded_returns
+        if skipped:
+            out.append(
+                f"{skipped:,} return{'s' if skipped > 1 else ''} not probed: more frames were live at once"
+                " than the trap guard can restore should pmu die (65,536 a process)"
+            )
         return out
 
     def latency(self, attr: EventAttr) -> Latency | None:
