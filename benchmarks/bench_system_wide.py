@@ -50,7 +50,7 @@ from bench_stat import (
     kernel_probe,
     log,
     machine,
-    measure,
+    measure_rounds,
     overheads,
     run,
     shell_word,
@@ -156,20 +156,8 @@ def measure_start_up(rows: list[StartUp], hot: str, repeat: int) -> None:
 
 
 def measure_hits(tools: list[Tool], hot: str, repeat: int) -> list[Row]:
-    """bench_stat.measure, one repetition of every tool at a time."""
-    rows = [Row(t) for t in tools]
-    for rep in range(repeat):
-        log(f"repetition {rep + 1} of {repeat}:")
-        for row in rows:
-            if row.error is not None:
-                continue
-            one = measure(row.tool, hot, 1)
-            row.t1 += one.t1
-            row.t2 += one.t2
-            row.c1 += one.c1
-            row.c2 += one.c2
-            row.error = one.error
-            row.excess += one.excess
+    """bench_stat.measure_rounds (one repetition of every tool at a time), with each row's check."""
+    rows = measure_rounds(tools, {"hot": hot}, repeat)
     for row in rows:
         if row.error is None and row.tool.count is not None:
             row.checked = f"= N in all {2 * repeat} runs" + excess_note(row.excess)

@@ -24,6 +24,7 @@ from pmu.events.attr import EventAttr
 from pmu.events.event import Event, HookReason
 from pmu.events.spec import ProbeKind, ProbeSpec
 from pmu.events.symbols import ResolvedProbe, function_extent, resolve_probe, resolve_target
+from pmu.trace.guard import NFRAMES
 from pmu.trace.maps import addresses_of, mapped_files
 from pmu.trace.patchsafety import PatchPlan, check_jump_patch
 from pmu.trace.relocate import build_slot
@@ -104,6 +105,7 @@ class UprobePmu(PmuBase):
         self._vforks: dict[int, tuple[AddressSpace, int, int, np.ndarray]] = {}
         """vfork children still in their parent's memory: (mm, parent tid, FS base, row at vfork)."""
         self._how: dict[tuple[ResolvedProbe, ProbeKind], str] = {}
+        """How each probe was served (for -v), kept after the run."""
         self._latency: dict[EventAttr, Latency] = {}
         """The latencies of each return probe with --latency, by attr (its inherited copies in one)."""
         self._armed: set[ResolvedProbe] = set()
@@ -114,7 +116,6 @@ class UprobePmu(PmuBase):
         self._lost: dict[ResolvedProbe, int] = {}
         """Frames of each return probe left without returning (longjmp, an exception), for -v."""
         tracer.on_frame_lost = self._frame_lost
-        """How each probe was served (for -v), kept after the run."""
         self._resolved: dict[ProbeSpec, ResolvedProbe] = {}
         self._sites: dict[tuple[AddressSpace, ResolvedProbe, bool], _Site] = {}
         self._placed: dict[Event, tuple[_Site, _Entry]] = {}
@@ -459,7 +460,7 @@ class UprobePmu(PmuBase):
         if skipped:
             out.append(
                 f"{skipped:,} return{'s' if skipped > 1 else ''} not probed: more frames were live at once"
-                " than the trap guard can restore should pmu die (65,536 a process)"
+                f" than the trap guard can restore should pmu die ({NFRAMES:,} a process)"
             )
         return out
 

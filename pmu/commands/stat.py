@@ -158,22 +158,20 @@ def run(args: argparse.Namespace) -> int:
         cpu_list=args.cpu,
     )
     numbers = _numbers()
+    latencies = [(evsel.name, evlist.latency(evsel)) for evsel in evlist.evsels] if args.latency else []
+    after = "".join(
+        latency_line(name, lat, args.sep, args.json) for name, lat in latencies if lat is not None
+    )
     if args.output:
         try:
             with open(args.output, "w") as f:
                 write(report, f, csv_sep=args.sep, json=args.json, numbers=numbers)
+                f.write(after)
         except OSError as err:
             raise FileError(f"cannot write {args.output}: {err.strerror}") from None
     else:
         write(report, sys.stderr, csv_sep=args.sep, json=args.json, numbers=numbers)
-    if args.latency:
-        latencies = [(evsel.name, evlist.latency(evsel)) for evsel in evlist.evsels]
-        out = [latency_line(name, lat, args.sep, args.json) for name, lat in latencies if lat is not None]
-        if args.output:
-            with contextlib.suppress(OSError), open(args.output, "a") as f:
-                f.write("".join(out))
-        else:
-            sys.stderr.write("".join(out))
+        sys.stderr.write(after)
     report_engines_and_errors(evlist, args.verbose)
     return result.status
 

@@ -65,13 +65,14 @@ class Returns:
         except OSError:
             return
         for addr, name in found.items():
-            consumer = self._caught if name in unwind.CATCH else self._unwinding
+            catch = name in unwind.CATCH
+            consumer = self._caught if catch else self._unwinding
             bp = mm.breakpoints.get(addr)
             if (bp is not None and consumer in bp.consumers) or addr in mm.jumps:
                 continue
             with contextlib.suppress(RelocationError, OSError):
                 self.insert(mm, addr, consumer)
-                mm.internal[addr] = "catch" if name in unwind.CATCH else "unwind"
+                mm.internal[addr] = "catch" if catch else "unwind"
 
     def _unwinding(self, task: Task) -> None:
         """An exception (or a forced unwind) starts through the task's stack: every return address pmu
@@ -83,10 +84,9 @@ class Returns:
         if tramp is None:
             return
         for frame in task.shadow:
-            if not frame.chained and not frame.restored:
+            if not frame.restored:
                 with contextlib.suppress(OSError):
-                    if mm.read(frame.rsp, 8) == tramp.to_bytes(8, "little"):
-                        mm.write(frame.rsp, frame.orig.to_bytes(8, "little"))
+                    self._swap_return(mm, frame, tramp, frame.orig)
             frame.restored = True
 
     def _caught(self, task: Task) -> None:
@@ -106,10 +106,8 @@ class Returns:
         for frame in shadow:
             if frame.restored:
                 frame.restored = False
-                if not frame.chained:
-                    with contextlib.suppress(OSError):
-                        if mm.read(frame.rsp, 8) == frame.orig.to_bytes(8, "little"):
-                            mm.write(frame.rsp, tramp.to_bytes(8, "little"))
+                with contextlib.suppress(OSError):
+                    self._swap_return(mm, frame, frame.orig, tramp)
 
     def hijack_return(self, task: Task, handler: ReturnHandler) -> None:
         """At a function's entry: make its return trap, so that `handler` runs when it returns.
@@ -181,10 +179,16 @@ class Returns:
         if task.state is TaskState.STOPPED and pt.peek_user(task.tid, pt.RIP) == tramp:
             pt.poke_user(task.tid, pt.RIP, self._returned(task, run_handlers=False))
         for frame in task.shadow:
-            if not frame.chained and mm.read(frame.rsp, 8) == tramp.to_bytes(8, "little"):
-                mm.write(frame.rsp, frame.orig.to_bytes(8, "little"))
+            self._swap_return(mm, frame, tramp, frame.orig)
             self._drop_frame(mm, frame)
         task.shadow.clear()
+
+    @staticmethod
+    def _swap_return(mm: AddressSpace, frame: ReturnFrame, now: int, then: int) -> None:
+        """Write `then` in the frame's return-address slot if it holds `now` (a chained frame's slot is
+        the frame's below it, which does the writing)."""
+        if not frame.chained and mm.read(frame.rsp, 8) == now.to_bytes(8, "little"):
+            mm.write(frame.rsp, then.to_bytes(8, "little"))
 
     def _lost(self, frame: ReturnFrame) -> None:
         if self.on_frame_lost is not None:
