@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := build/demo
 
-.PHONY: all venv test lint demo bench clean
+.PHONY: all venv test lint demo bench clean retprobe
 
 all: test
 
@@ -33,8 +33,12 @@ test: $(STAMP) .tools lint
 	$(PY) -m pytest -q tests
 	PMU_TEST_NO_OPTIMIZE=1 $(PY) -m pytest -q tests/integration
 
+# The return blob's machine code (pmu/trace/retprobe.py) from its source, retprobe.S (needs GNU as).
+retprobe:
+	$(PYTHON) tools/gen_retprobe.py
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pmu tests benchmarks
+	$(VENV)/bin/ruff check pmu tests benchmarks tools
 	$(VENV)/bin/ruff format --check pmu
 	$(VENV)/bin/mypy --strict pmu
 

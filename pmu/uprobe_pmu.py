@@ -26,9 +26,10 @@ from pmu.events.spec import ProbeKind, ProbeSpec
 from pmu.events.symbols import ResolvedProbe, function_extent, resolve_probe, resolve_target
 from pmu.trace.guard import NFRAMES
 from pmu.trace.maps import addresses_of, mapped_files
+from pmu.trace.patches import ReturnSpec
 from pmu.trace.patchsafety import PatchPlan, check_jump_patch
 from pmu.trace.relocate import build_slot
-from pmu.trace.tasks import AddressSpace, JumpPatch, ReturnFrame, TaskState
+from pmu.trace.tasks import AddressSpace, JumpPatch, ReturnArea, ReturnFrame, TaskState
 from pmu.trace.tasks import Task as TraceTask
 from pmu.trace.tracer import Tracer
 from pmu.uprobe_records import TrampolineRecords
@@ -85,6 +86,8 @@ class _Site:
     """Hits of the jump patches already given to entries."""
     columns: set[int] = field(default_factory=set)
     """Counter columns of every jump patch the site has had (an unmapped library's keep their counts)."""
+    latency: bool = False
+    """A return site served in the process keeps a latency histogram there (--latency)."""
 
     def empty(self) -> bool:
         return not any(self.by_tid.values())
@@ -116,7 +119,13 @@ class UprobePmu(PmuBase):
         self._lost: dict[ResolvedProbe, int] = {}
         """Frames of each return probe left without returning (longjmp, an exception), for -v."""
         tracer.on_frame_lost = self._frame_lost
+        tracer.on_skipped_entry = self._skipped
+        self._ret_sites: dict[tuple[AddressSpace, int], tuple[_Site, int]] = {}
+        """Return sites served in a process, by (address space, index): (site, address)."""
         self._resolved: dict[ProbeSpec, ResolvedProbe] = {}
+        self._checked: list[EventAttr] = []
+        self._inproc: dict[tuple[int, int], tuple[ResolvedProbe, ReturnArea, int]] = {}
+        """Return sites served in a process: (id of its return area, index) -> (probe, area, index)."""
         self._sites: dict[tuple[AddressSpace, ResolvedProbe, bool], _Site] = {}
         self._placed: dict[Event, tuple[_Site, _Entry]] = {}
         self.ring: Ring | None = None
@@ -147,6 +156,7 @@ class UprobePmu(PmuBase):
             self.exe = target.exe
         self._only_tids.update(target.only_tids)
         self.resolve(attr.probe, target.mapped)
+        self._checked.append(attr)
 
     def set_ring(self, ring: Ring, index_of: dict[EventAttr, int]) -> None:
         """int3 hits are recorded into `ring`; jump patches record into rings in the traced processes,
@@ -203,18 +213,22 @@ class UprobePmu(PmuBase):
         period = event.attr.sample_period
         if not self.optimize:
             return site
-        if returns:
-            site.plain = "return probes use int3"
-        elif period and self.ring is None:
+        if period and self.ring is None:
             site.plain = "sampling without a ring"
         elif period >= 1 << 32:
             site.plain = "a period of 2**32 or more uses int3"
         elif period and self._events_on(probe) > 1:
             site.plain = "several events record this probe"
+        elif returns and event.attr.sample_args > 6:
+            site.plain = "more than 6 arguments"
         else:
             site.optimize = True
             if period:
                 site.record = (self.index_of.get(event.attr, 0), event.attr.sample_args, period)
+                if returns and self.records is not None:
+                    self.records.returns = True  # its records carry retval, latency and flags
+            if returns:
+                site.latency = any(a.latency for a in self._checked if self._resolved.get(a.probe) == probe)
         return site
 
     def _events_on(self, probe: ResolvedProbe) -> int:
@@ -300,6 +314,7 @@ class UprobePmu(PmuBase):
                 try:
                     site.jumps[addr] = self._jump_patch(site, addr)
                     site.columns.add(site.jumps[addr].column)
+                    self._note_inprocess(site, site.jumps[addr])
                     self._set_enabled(site)
                     continue
                 except (RelocationError, TraceError) as err:
@@ -317,7 +332,7 @@ class UprobePmu(PmuBase):
 
     def _disarm(self, site: _Site) -> None:
         for addr in list(site.jumps):
-            self.tracer.unpatch(site.mm, addr)
+            self.tracer.unpatch(site.mm, addr, site.returns)
         site.jumps.clear()
         for addr in site.addrs:
             hook = site.hooks.pop(addr, None)
@@ -331,7 +346,19 @@ class UprobePmu(PmuBase):
     def _jump_patch(self, site: _Site, addr: int) -> JumpPatch:
         plan = jump_plan(site.probe, addr)
         on = any(e.running for entries in site.by_tid.values() for e in entries)
-        return self.tracer.jump_patch(site.mm, addr, plan, site.record, on)
+        returns = ReturnSpec(site.latency) if site.returns else None
+        return self.tracer.jump_patch(site.mm, addr, plan, site.record, on, returns)
+
+    def _note_inprocess(self, site: _Site, patch: JumpPatch) -> None:
+        """Remember where a return site served in the process keeps its lost and skipped counts and its
+        latencies (the return area stays readable after the process is gone)."""
+        rp = site.mm.returns
+        if patch.ret >= 0 and rp is not None:
+            self._inproc[(id(rp.area), patch.ret)] = (site.probe, rp.area, patch.ret)
+            self._ret_sites[(site.mm, patch.ret)] = (site, patch.addr)
+
+    def _inprocess(self, probe: ResolvedProbe) -> list[tuple[ReturnArea, int]]:
+        return [(area, ret) for p, area, ret in self._inproc.values() if p == probe]
 
     def _set_enabled(self, site: _Site) -> None:
         area = site.mm.counters
@@ -438,7 +465,10 @@ class UprobePmu(PmuBase):
         return probe, how many entries never returned (their frames left by longjmp or an exception:
         the entries are the returns counted plus these)."""
         how = self._how.get((event.pmu_private, event.attr.probe.kind), "not armed")
-        lost = self._lost.get(event.pmu_private, 0) if event.attr.probe.kind is ProbeKind.URETPROBE else 0
+        lost = 0
+        if event.attr.probe.kind is ProbeKind.URETPROBE:
+            lost = self._lost.get(event.pmu_private, 0)
+            lost += sum(area.lost(ret) for area, ret in self._inprocess(event.pmu_private))
         if lost:
             how += f"; {lost:,} frame{'s' if lost > 1 else ''} left without returning (longjmp, an exception)"
         return how
@@ -465,9 +495,20 @@ class UprobePmu(PmuBase):
         return out
 
     def latency(self, attr: EventAttr) -> Latency | None:
+        """The Python side's latencies (int3 returns) and the histograms kept in the processes."""
         if not attr.latency:
             return None
-        return self._latency.get(attr, Latency())
+        out = Latency(
+            list(self._latency.get(attr, Latency()).buckets), self._latency.get(attr, Latency()).total_ns
+        )
+        probe = self._probes.get(attr)
+        if probe is not None:
+            for area, ret in self._inprocess(probe):
+                buckets, total = area.histogram(ret)
+                for bits, n in enumerate(buckets):
+                    out.buckets[bits] += int(n)
+                out.total_ns += total
+        return out
 
     def _frame_lost(self, frame: ReturnFrame) -> None:
         handler = frame.handler
@@ -478,6 +519,8 @@ class UprobePmu(PmuBase):
     def _note_how(self, site: _Site) -> None:
         if site.jumps and not (site.addrs - set(site.jumps)):
             what = "counted and recorded" if site.record else "counted"
+            if site.returns:
+                what = "returns " + what + (", latency" if site.latency else "")
             how = f"optimized (jump patch, {what} in the process)"
         elif not self.optimize:
             how = "int3"
@@ -511,6 +554,19 @@ class UprobePmu(PmuBase):
             args = self.tracer.arguments(task, nargs) if nargs else ()
             self.tracer.hijack_return(task, functools.partial(self._returned, site, addr, args))
 
+    def _skipped(self, task: TraceTask, ret: int, slot: int, args: tuple[int, ...]) -> None:
+        """An entry the return blob left to ptrace (no shadow row, too deep, a shared FS base): the
+        return is hijacked by the int3 path, as `_entered` does."""
+        found = self._ret_sites.get((task.mm, ret))
+        if found is None:
+            return
+        site, addr = found
+        entries = site.by_tid.get(task.tid)
+        if entries and any(e.running for e in entries):
+            nargs = max((e.nargs for e in entries if e.running and e.period), default=0)
+            handler = functools.partial(self._returned, site, addr, args[:nargs])
+            self.tracer.hijack_return(task, handler, rsp=slot)
+
     def _returned(
         self,
         site: _Site,
@@ -520,6 +576,8 @@ class UprobePmu(PmuBase):
         frame: ReturnFrame,
         retval: int,
     ) -> None:
+        if task.mm is not site.mm:  # a frame hijacked before a fork, returning in the child
+            site = self._sites.get((task.mm, site.probe, True), site)
         entries = site.by_tid.get(task.tid)
         if entries:
             latency = -1

@@ -10,6 +10,7 @@ answering stops while a busy ring empties.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -28,6 +29,9 @@ DRAIN_CHUNK = 8192
 they are copied and converted)."""
 DRAIN_BUDGET = 16
 """Chunks per drain call before the tracer gets to answer stops again."""
+RETURN_WORDS = 14
+"""A record's words up to its flags (seq, time, thread, pid|event, ip, args[6], retval, latency, flags):
+taken where trampolines record returns."""
 CALIBRATE_EVERY = 0.1
 """Seconds between TSC calibration samples while recording (and one at the end)."""
 
@@ -48,12 +52,24 @@ class TrampolineRecords:
         self.only_tids: dict[int, set[int]] = {}
         """With -t: {pid: the only threads of it whose records are kept} (trampolines record every thread)."""
         self._words = np.empty((DRAIN_CHUNK, 5 + nargs), np.uint64)  # reused: no page faults per chunk
+        self._returns = False
         self._vfork_parents: dict[int, tuple[Task, int]] = {}
         self._calibrated = 0.0
         self._lost_closed: dict[int, int] = {}
         self._lost_closed_total = 0
         self._used = False
         """Some records came from trampolines (their times are calibrated TSC)."""
+
+    @property
+    def returns(self) -> bool:
+        """Some trampolines record returns (retprobe.py): records are taken up to their flags word."""
+        return self._returns
+
+    @returns.setter
+    def returns(self, on: bool) -> None:
+        if on and not self._returns:
+            self._words = np.empty((DRAIN_CHUNK, RETURN_WORDS), np.uint64)
+        self._returns = on
 
     # ---- draining ---------------------------------------------------------------------------------
 
@@ -91,7 +107,7 @@ class TrampolineRecords:
         """One chunk of a ring (final: all of it, abandoned records skipped); True if the chunk came
         full (more is likely waiting)."""
         while True:
-            words = ring.take(DRAIN_CHUNK, 5 + self.nargs, self._words)
+            words = ring.take(DRAIN_CHUNK, self._words.shape[1], self._words)
             if len(words):
                 sink(self._named_words(words))
             if len(words) < DRAIN_CHUNK or not final:
@@ -152,15 +168,33 @@ class TrampolineRecords:
         """Records given as their first words (ring.take), as hits."""
         halves = words.view(np.int32)  # word 3 is pid (low half) and event (high half)
         args = tuple(words[:, 5 + i] for i in range(self.nargs))
-        return self._hits(
+        hits = self._hits(
             words[:, 1].view(np.int64), halves[:, 6], words[:, 2], halves[:, 7], words[:, 4], args
+        )
+        if words.shape[1] < RETURN_WORDS or not len(hits):
+            return hits
+        keep = self._kept
+        return dataclasses.replace(
+            hits,
+            retval=words[keep, 11],
+            latency_ns=words[keep, 12].view(np.int64),
+            flags=words[keep, 13].astype(np.uint32),
         )
 
     def _named(self, records: np.ndarray) -> Hits:
         """Whole records (Ring.drain), as hits."""
         args = tuple(records["args"][:, i] for i in range(self.nargs))
-        return self._hits(
+        hits = self._hits(
             records["time"], records["pid"], records["thread"], records["event"], records["ip"], args
+        )
+        if not self._returns or not len(hits):
+            return hits
+        keep = self._kept
+        return dataclasses.replace(
+            hits,
+            retval=records["retval"][keep],
+            latency_ns=records["latency_ns"][keep].astype(np.int64),
+            flags=records["flags"][keep].astype(np.uint32),
         )
 
     def _hits(
@@ -176,10 +210,12 @@ class TrampolineRecords:
         -t leaves out."""
         pid, tid = self.names.columns(key_pid, fs_base, tsc)
         hits = Hits(self.clock.to_ns(tsc), pid, tid, event, ip, args)
+        self._kept: slice | np.ndarray = slice(None)
         for p, tids in self.only_tids.items():
             other = (hits.pid == p) & ~np.isin(hits.tid, list(tids))
             if other.any():
                 keep = ~other
+                self._kept = keep
                 hits = Hits(
                     hits.time[keep],
                     hits.pid[keep],

@@ -13,17 +13,30 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import struct
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pmu.errors import RelocationError, TraceError
 from pmu.ring import ClockKind, Ring, ThreadKind
-from pmu.trace import inject, trampoline
+from pmu.trace import inject, retprobe, trampoline
 from pmu.trace import ptrace_ops as pt
 from pmu.trace.breakpoints import INT3
 from pmu.trace.patchsafety import PatchPlan
 from pmu.trace.relocate import SLOT_SIZE, relocate_run
-from pmu.trace.tasks import AddressSpace, CounterArea, CounterBank, JumpPatch, Task, TaskState, TraceeRing
+from pmu.trace.tasks import (
+    AddressSpace,
+    CounterArea,
+    CounterBank,
+    InProcessReturns,
+    JumpPatch,
+    ReturnArea,
+    Task,
+    TaskState,
+    TraceeRing,
+)
 
 
 class _Shared(Protocol):
@@ -36,6 +49,41 @@ class _Shared(Protocol):
 
 
 S = TypeVar("S", bound=_Shared)
+
+
+@dataclass(frozen=True)
+class ReturnSpec:
+    """A jump patch that serves a return probe in the process (retprobe.py)."""
+
+    latency: bool = False
+    """Keep a log2 histogram of the calls' latencies."""
+
+
+def _own_return_area(fd: int) -> ReturnArea:
+    os.ftruncate(fd, retprobe.AREA_BYTES)
+    mem = mmap.mmap(fd, retprobe.AREA_BYTES)
+    os.close(fd)
+    area = ReturnArea(mem, 0, retprobe.AREA_BYTES)
+    area.put(retprobe.A_MULT, _ns_mult().to_bytes(8, "little"))
+    return area
+
+
+def _ns_mult() -> int:
+    """ns = ticks * mult >> 32, for the return trampoline's latencies: from a calibration over a few
+    milliseconds (a latency's error is that of the TSC's rate, about 0.1 %)."""
+    from pmu.tsc import Calibration
+
+    global _MULT
+    if _MULT is None:
+        clock = Calibration()
+        clock.add()
+        time.sleep(0.005)
+        clock.add()
+        _MULT = round((1 << 32) / clock.ticks_per_ns)
+    return _MULT
+
+
+_MULT: int | None = None
 
 
 class Patches:
@@ -52,6 +100,14 @@ class Patches:
         def _alloc_slot(self, mm: AddressSpace, addr: int, tid: int, size: int = SLOT_SIZE) -> int: ...
 
         def _syscall(self, tid: int, mm: AddressSpace, nr: int, *args: int) -> int: ...
+
+        def _hook_unwinder(self, mm: AddressSpace) -> None: ...
+
+        def return_trampoline(self, mm: AddressSpace, near: int) -> int: ...
+
+        def insert(self, mm: AddressSpace, addr: int, consumer: Callable[[Task], None]) -> None: ...
+
+        def _skipped_entry(self, task: Task) -> None: ...
 
     def counters(self, mm: AddressSpace, near: int, column: int = 0) -> CounterArea:
         """The counter area of mm, with a bank for `column`: memfds pmu maps too, mapped shared into the
@@ -150,10 +206,13 @@ class Patches:
         plan: PatchPlan,
         record: tuple[int, int, int] | None = None,
         enabled: bool = False,
+        returns: ReturnSpec | None = None,
     ) -> JumpPatch:
         """Replace the instructions `plan` displaces at addr by a jump to a counting trampoline (which
         also records hits into mm's ring with `record` = (event index, number of args, period)),
-        counting from the moment the jump is written if `enabled`.
+        counting from the moment the jump is written if `enabled`. With `returns`, a return probe
+        served in the process (retprobe.py): the trampoline is a stub that hijacks the return, and its
+        column counts returns (recorded with `record`, their latency kept with `returns.latency`).
 
         Every thread is stopped; one whose RIP lies inside the displaced instructions is moved to the
         matching instruction of the trampoline. An existing patch at addr (a forked child's copy) is
@@ -161,29 +220,85 @@ class Patches:
         """
         patch = mm.jumps.get(addr)
         if patch is not None:
-            patch.users += 1
-            return patch
+            if (patch.ret >= 0) == (returns is not None):
+                patch.users += 1
+                return patch
+            if returns is None:
+                return self._entry_guest(mm, patch)
+        host = patch  # an entry probe's counting trampoline, which a return stub takes over
+        if host is not None:
+            host.users, users = 0, host.users  # not a user of its own bytes any more
         for other in mm.breakpoints:
             if addr < other < addr + plan.length:
                 raise RelocationError(f"another probe at {other:#x} lies inside the bytes to patch")
+        try:
+            return self._jump_patch(mm, addr, plan, record, enabled, returns, host)
+        finally:
+            if host is not None:
+                host.users = users
+
+    def _jump_patch(
+        self,
+        mm: AddressSpace,
+        addr: int,
+        plan: PatchPlan,
+        record: tuple[int, int, int] | None,
+        enabled: bool,
+        returns: ReturnSpec | None,
+        host: JumpPatch | None,
+    ) -> JumpPatch:
         column = mm.columns
         area = self.counters(mm, addr, column)
         index, site = area.bank_of(column)
         base = area.banks[index].address
         spec = None
+        ring = 0
         if record is not None:
             ring = self.tracee_ring(mm, addr).address
             spec = trampoline.RecordSpec(ring, record[0], addr, record[1], record[2])
+        ret = -1
+        desc = 0
+        if returns is not None:
+            rp = self.inprocess_returns(mm, addr)
+            if rp.used >= retprobe.NRET:
+                raise RelocationError(f"more than {retprobe.NRET} return probes in one process")
+            ret = rp.used
+            flags = (retprobe.FLAG_LATENCY if returns.latency else 0) | (
+                retprobe.FLAG_RECORD if record else 0
+            )
+            event, nargs, period = record or (0, 0, 1)
+            ebank = esite = 0
+            if host is not None:  # the entry probe there: counted by the stub from now on
+                ebank, esite = self._bank_site(mm, host.column)
+            d = retprobe.Desc(base, site, ret, flags, nargs, ring, addr, event, period, ebank, esite)
+            desc = retprobe.desc_address(rp.area.address, ret)
+            rp.area.put(desc - rp.area.address, d.pack())  # before any thread can enter
+            rp.used += 1
         with self.stopped(mm) as tid:
             code = mm.read(addr, plan.length + 16)
+            if host is not None:
+                code = host.orig + code[len(host.orig) :]
             if code[:1] == INT3:
                 raise RelocationError(f"there is already an int3 at {addr:#x}")
-            head = len(trampoline.counting_trampoline(base, site, spec))
-            tramp = self._alloc_slot(mm, addr, tid, head + 16 * plan.count + 64 + trampoline.SLOW_PATH_BYTES)
+            if returns is not None:
+                assert mm.returns is not None
+                head = retprobe.STUB_HEAD
+                tramp = self._alloc_slot(mm, addr, tid, head + 16 * plan.count + 64 + 8)
+            else:
+                head = len(trampoline.counting_trampoline(base, site, spec))
+                tramp = self._alloc_slot(
+                    mm, addr, tid, head + 16 * plan.count + 64 + trampoline.SLOW_PATH_BYTES
+                )
             body, _, placed = relocate_run(code, addr, tramp + head, plan.count)
             moves = [(offset, tramp + head + at) for offset, at in zip(plan.boundaries, placed, strict=True)]
-            tr = trampoline.build(base, site, body, tramp, addr + plan.length, spec, mm.locked)
-            mm.write(tramp, tr.code)
+            if returns is not None:
+                assert mm.returns is not None
+                tcode = retprobe.stub(desc, mm.returns.blob + retprobe.ENTRY, body, tramp, addr + plan.length)
+                lock = 0
+            else:
+                tr = trampoline.build(base, site, body, tramp, addr + plan.length, spec, mm.locked)
+                tcode, lock = tr.code, tr.lock
+            mm.write(tramp, tcode)
             for t in mm.tasks:
                 if t.state is TaskState.STOPPED:
                     rip = pt.peek_user(t.tid, pt.RIP)
@@ -193,26 +308,126 @@ class Patches:
             area.set_enabled(column, enabled)  # before any thread can enter
             rel = tramp - (addr + 5)
             mm.write(addr, b"\xe9" + rel.to_bytes(4, "little", signed=True) + INT3 * (plan.length - 5))
-            lock_at = tramp + tr.lock if tr.lock else 0
-            patch = JumpPatch(addr, code[: plan.length], tramp, column, tuple(moves), lock_at=lock_at)
+            lock_at = tramp + lock if lock else 0
+            patch = JumpPatch(
+                addr, code[: plan.length], tramp, column, tuple(moves), lock_at=lock_at, ret=ret, guest=host
+            )
             mm.jumps[addr] = patch
             mm.columns += 1
         return patch
 
-    def unpatch(self, mm: AddressSpace, addr: int) -> None:
-        """Drop one user of the jump patch at addr; the last one puts the original bytes back.
+    def _bank_site(self, mm: AddressSpace, column: int) -> tuple[int, int]:
+        """(the address of the bank holding `column`, its site there)."""
+        area = self.counters(mm, 0, column)
+        index, site = area.bank_of(column)
+        return area.banks[index].address, site
+
+    def _entry_guest(self, mm: AddressSpace, host: JumpPatch) -> JumpPatch:
+        """An entry probe at the address of a return probe's stub: counted by the stub, in a column of
+        its own (the descriptor's entry bank and site)."""
+        if host.guest is not None:
+            host.guest.users += 1
+            return host.guest
+        column = mm.columns
+        ebank, esite = self._bank_site(mm, column)
+        mm.columns += 1
+        guest = JumpPatch(host.addr, host.orig, host.tramp, column, host.moves)
+        self._set_entry(mm, host, ebank, esite)
+        host.guest = guest
+        return guest
+
+    @staticmethod
+    def _set_entry(mm: AddressSpace, host: JumpPatch, ebank: int, esite: int) -> None:
+        """Point a return stub's descriptor at an entry probe's column (ebank 0: none)."""
+        assert mm.returns is not None
+        at = retprobe.A_DESCS + retprobe.DESC * host.ret + retprobe.D_EBANK
+        mm.returns.area.put(at, struct.pack("<QI", ebank, esite))
+
+    def inprocess_returns(self, mm: AddressSpace, near: int) -> InProcessReturns:
+        """mm's machinery for return probes served in the process (retprobe.py), made on first use with
+        every thread stopped: the shadow area (private: a forked child's is a copy), the return area
+        (a memfd pmu maps too) and the blob, its first words pointing to both."""
+        if mm.returns is not None:
+            return mm.returns
+        with self.stopped(mm) as tid:
+            prot = inject.PROT_READ | inject.PROT_WRITE
+            flags = inject.MAP_PRIVATE | inject.MAP_ANONYMOUS | inject.MAP_NORESERVE
+            shadow = self._syscall(tid, mm, inject.SYS_MMAP, 0, retprobe.SHADOW_BYTES, prot, flags, -1, 0)
+            if not 0 < shadow < 1 << 47:
+                raise TraceError(
+                    f"cannot map a shadow stack area in process {mm.pid}: {os.strerror(-shadow)}"
+                )
+            try:
+                area, address = self._shared_memfd(mm, tid, near, "returns", _own_return_area, 0)
+                area.address = address
+                try:
+                    blob = self._alloc_slot(mm, near, tid, len(retprobe.CODE))
+                    mm.write(blob, retprobe.CODE)
+                    mm.write(blob, retprobe.header(shadow, address, mm.locked))
+                except BaseException:
+                    self._syscall(tid, mm, inject.SYS_MUNMAP, address, area.size)
+                    area.close()
+                    raise
+            except BaseException:
+                self._syscall(tid, mm, inject.SYS_MUNMAP, shadow, retprobe.SHADOW_BYTES)
+                raise
+            mm.returns = InProcessReturns(blob, shadow, area)
+        self.return_trampoline(mm, near)  # for the entries the blob leaves to ptrace (SKIP_TRAP)
+        self.insert(mm, blob + retprobe.SKIP_TRAP, self._skipped_entry)
+        mm.internal[blob + retprobe.SKIP_TRAP] = "skip"
+        self._hook_unwinder(mm)
+        return mm.returns
+
+    def _own_returns(self, child: Task, shared: InProcessReturns) -> None:
+        """A forked child keeps the shadow area (a copy) and blob, and gets a return area of its own at
+        its parent's address, with the same descriptors (its lost counts and histograms start at 0)."""
+        state, child.state = child.state, TaskState.STOPPED
+        try:
+            near = shared.blob
+            fixed = shared.area.address
+            area, _ = self._shared_memfd(child.mm, child.tid, near, "returns", _own_return_area, 0, fixed)
+            area.address = fixed
+            descs = slice(retprobe.A_DESCS, retprobe.A_DESCS + retprobe.DESC * retprobe.NRET)
+            assert area.mem is not None and shared.area.mem is not None
+            area.mem[descs] = shared.area.mem[descs]
+            child.mm.returns = InProcessReturns(shared.blob, shared.shadow, area, shared.used)
+            shared.area.fold()  # the child no longer writes its parent's
+        finally:
+            child.state = state
+
+    def unpatch(self, mm: AddressSpace, addr: int, returns: bool = False) -> None:
+        """Drop one user of the jump patch at addr (the return probe's with `returns`, else the entry
+        probe's); the last one puts the original bytes back. A return stub that also counts an entry
+        probe stays while that probe does, its returns no longer counted.
 
         A thread inside the trampoline finishes its way through it (the trampoline stays mapped)."""
-        patch = mm.jumps.get(addr)
-        if patch is None:
+        host = mm.jumps.get(addr)
+        if host is None:
             return
-        patch.users -= 1
-        if patch.users > 0:
-            return
+        if (host.ret >= 0) != returns:
+            guest = host.guest
+            if guest is None:
+                return
+            guest.users -= 1
+            if guest.users > 0:
+                return
+            host.guest = None
+            if not mm.dead:
+                self._set_entry(mm, host, 0, 0)
+            if host.users > 0:
+                return
+        else:
+            host.users -= 1
+            if host.users > 0:
+                return
+            if host.guest is not None and host.guest.users > 0:
+                if mm.counters is not None:
+                    mm.counters.set_enabled(host.column, False)
+                return
         del mm.jumps[addr]
         if not mm.dead:
             with self.stopped(mm), contextlib.suppress(OSError):
-                mm.write(addr, patch.orig)
+                mm.write(addr, host.orig)
 
     def _own_counters(self, child: Task, shared: CounterArea) -> None:
         """A forked child counts in a counter area of its own, mapped where the parent's was."""
@@ -230,6 +445,7 @@ class Patches:
                 own.close()
                 raise
             own.copy_enabled(shared)  # counting as its parent was: same probes enabled, no counts yet
+            own.copy_keys(shared)  # and rows where its parent's were: hijacked returns point into them
             child.mm.counters = own
         finally:
             child.state = state
@@ -267,6 +483,9 @@ class Patches:
         ):
             return
         mm.locked = True
+        if mm.returns is not None:  # no new in-process frames: the two would share a shadow row
+            with self.stopped(mm):
+                mm.write(mm.returns.blob + retprobe.B_LOCKED, (1).to_bytes(8, "little"))
         if mm.counters is not None:
             mm.counters.lock()  # the fast paths' (a byte each, read at every hit)
         if any(patch.lock_at for patch in mm.jumps.values()):

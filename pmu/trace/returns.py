@@ -12,12 +12,15 @@ A mixin of the Tracer (pmu/trace/tracer.py), as breakpoints.py is.
 from __future__ import annotations
 
 import contextlib
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pmu.errors import RelocationError, TraceError
-from pmu.trace import guard, unwind
+from pmu.trace import guard, retprobe, trampoline, unwind
 from pmu.trace import ptrace_ops as pt
 from pmu.trace.breakpoints import INT3
 from pmu.trace.relocate import SLOT_SIZE
@@ -31,6 +34,9 @@ class Returns:
     """Entries whose return was not hijacked: more live frames than the trap guard can restore."""
     on_frame_lost: Callable[[ReturnFrame], None] | None = None
     """Called for a hijacked frame left without returning (longjmp over it, an exception through it)."""
+    on_skipped_entry: Callable[[Task, int, int, tuple[int, ...]], None] | None = None
+    """Called with (task, return site, return-address slot, argument registers) for an entry the
+    return blob left to ptrace (retprobe.SKIP_TRAP): its owner hijacks the return with `hijack_return`."""
 
     if TYPE_CHECKING:  # the Tracer's, which this class is mixed into
 
@@ -41,6 +47,8 @@ class Returns:
         def _guard(self, mm: AddressSpace, tid: int, ill: bool = False) -> guard.Guard | None: ...
 
         def insert(self, mm: AddressSpace, addr: int, consumer: BreakpointHandler) -> None: ...
+
+        def fs_base(self, task: Task) -> int: ...
 
     def return_trampoline(self, mm: AddressSpace, near: int) -> int:
         """The int3 hijacked returns land on in mm (made on first use, with every thread stopped)."""
@@ -58,7 +66,7 @@ class Returns:
     def _hook_unwinder(self, mm: AddressSpace) -> None:
         """Once mm has return probes, break at the unwinder's entries in it (unwind.py): called when the
         return trampoline is made and whenever files may have been mapped (dlopen of libgcc_s)."""
-        if mm.ret_tramp is None or mm.dead:
+        if (mm.ret_tramp is None and mm.returns is None) or mm.dead:
             return
         try:
             found = unwind.entry_addresses(mm.pid)
@@ -80,6 +88,8 @@ class Returns:
         goes on as without pmu. The frames stay on the shadow stack, marked restored, until the handler
         begins (`_caught`)."""
         mm = task.mm
+        with contextlib.suppress(OSError):
+            self._restore_inprocess(task, mark=True)
         tramp = mm.ret_tramp
         if tramp is None:
             return
@@ -94,6 +104,8 @@ class Returns:
         pointer now) are dropped, as frames left by longjmp; the ones it left alive are hijacked again,
         so that their returns count."""
         mm = task.mm
+        with contextlib.suppress(OSError):
+            self._rehijack_inprocess(task)
         tramp = mm.ret_tramp
         if tramp is None or not any(f.restored for f in task.shadow):
             return
@@ -109,18 +121,19 @@ class Returns:
                 with contextlib.suppress(OSError):
                     self._swap_return(mm, frame, frame.orig, tramp)
 
-    def hijack_return(self, task: Task, handler: ReturnHandler) -> None:
+    def hijack_return(self, task: Task, handler: ReturnHandler, rsp: int | None = None) -> None:
         """At a function's entry: make its return trap, so that `handler` runs when it returns.
 
-        The return address at [RSP] is replaced by the trampoline and kept on the task's shadow stack
-        (as the kernel's uretprobes do). Frames left without returning (longjmp) are dropped when a
-        later entry or return finds them below the stack pointer.
+        The return address at [RSP] (or at `rsp`, the slot) is replaced by the trampoline and kept on
+        the task's shadow stack (as the kernel's uretprobes do). Frames left without returning
+        (longjmp) are dropped when a later entry or return finds them below the stack pointer.
         """
         mm = task.mm
         tramp = mm.ret_tramp
         if tramp is None:
             return
-        rsp = pt.peek_user(task.tid, pt.RSP)
+        if rsp is None:
+            rsp = pt.peek_user(task.tid, pt.RSP)
         orig = int.from_bytes(mm.read(rsp, 8), "little")
         shadow = task.shadow
         chained = orig == tramp
@@ -171,8 +184,10 @@ class Returns:
                 return frame.orig
 
     def _unhijack(self, task: Task) -> None:
-        """Put back every return address of task's shadow stack (before it leaves our care)."""
+        """Put back every return address of task's shadow stacks (before it leaves our care)."""
         mm = task.mm
+        with contextlib.suppress(OSError):
+            self._restore_inprocess(task)
         tramp = mm.ret_tramp
         if tramp is None or not task.shadow:
             return
@@ -198,3 +213,102 @@ class Returns:
     def _drop_frame(mm: AddressSpace, frame: ReturnFrame) -> None:
         if mm.guard is not None and not frame.chained:
             mm.guard.drop_frame(frame.rsp)
+
+    # ---- return probes served in the process (retprobe.py) ---------------------------------------
+
+    def _skipped_entry(self, task: Task) -> None:
+        """The return blob could not take an entry (retprobe.SKIP_TRAP): the function's slot and its
+        arguments, from where the entry routine keeps them, to `on_skipped_entry`."""
+        rp = task.mm.returns
+        if rp is None or self.on_skipped_entry is None:
+            return
+        regs = pt.get_regs(task.tid)
+        saved = struct.unpack("<5Q", task.mm.read(regs.rsp, 40))  # r10, r9, r8, rdx, rcx
+        args = (regs.rdi, regs.rsi, saved[3], saved[4], saved[2], saved[1])
+        ret = (regs.r11 - rp.area.address - retprobe.A_DESCS) // retprobe.DESC
+        self.on_skipped_entry(task, ret, regs.rsp + retprobe.SKIP_RSP, args)
+
+    def _shadow_row(self, task: Task) -> int | None:
+        """Address of the task's row in mm's shadow area (found by its FS base), None if it has none."""
+        rp = task.mm.returns
+        if rp is None or task.mm.dead:
+            return None
+        fs = self.fs_base(task)
+        if not fs:
+            return None
+        keys = np.frombuffer(task.mm.read(rp.shadow, 8 * trampoline.NSLOTS), dtype="<u8")
+        found = np.flatnonzero(keys == fs)
+        if not len(found):
+            return None
+        return retprobe.row_address(rp.shadow, int(found[0]))
+
+    def _inprocess_frames(self, task: Task) -> tuple[int, list[tuple[int, int, int, int, int]]]:
+        """(the task's shadow row, its frames: (slot, orig, cell, descriptor, state)), innermost last."""
+        row = self._shadow_row(task)
+        if row is None:
+            return 0, []
+        mm = task.mm
+        depth = min(int.from_bytes(mm.read(row, 8), "little"), retprobe.MAXDEPTH)
+        if not depth:
+            return row, []
+        data = mm.read(row, retprobe.R_FRAMES + retprobe.FRAME * depth)
+        return row, retprobe.frames(data)
+
+    def _restore_inprocess(self, task: Task, mark: bool = False) -> None:
+        """Put the real return address back in every slot of the task's in-process frames that holds
+        the return trampoline. The frames stay (a thread inside the return trampoline still finds its
+        own); with `mark` (an exception starts to unwind) they are marked restored, for `_caught`."""
+        rp = task.mm.returns
+        if rp is None:
+            return
+        row, frames = self._inprocess_frames(task)
+        mm = task.mm
+        tramp = rp.tramp.to_bytes(8, "little")
+        for i, (slot, orig, _cell, _desc, state) in enumerate(frames):
+            if state == retprobe.STATE_LIVE:
+                with contextlib.suppress(OSError):
+                    if mm.read(slot, 8) == tramp:
+                        mm.write(slot, orig.to_bytes(8, "little"))
+                if mark:
+                    at = row + retprobe.R_FRAMES + retprobe.FRAME * i + retprobe.F_STATE
+                    mm.write(at, retprobe.STATE_RESTORED.to_bytes(8, "little"))
+
+    def _rehijack_inprocess(self, task: Task) -> None:
+        """A C++ handler begins: the in-process frames an exception left alive (slot above the stack
+        pointer) return through the trampoline again; the ones it unwound stay restored, and are dropped
+        (counted lost) by the next entry or return that meets them."""
+        rp = task.mm.returns
+        if rp is None:
+            return
+        row, frames = self._inprocess_frames(task)
+        if not any(f[4] == retprobe.STATE_RESTORED for f in frames):
+            return
+        mm = task.mm
+        rsp = pt.peek_user(task.tid, pt.RSP)
+        tramp = rp.tramp.to_bytes(8, "little")
+        for i, (slot, orig, _cell, _desc, state) in enumerate(frames):
+            if state != retprobe.STATE_RESTORED or slot <= rsp:
+                continue
+            if mm.read(slot, 8) == orig.to_bytes(8, "little"):
+                mm.write(slot, tramp)
+            at = row + retprobe.R_FRAMES + retprobe.FRAME * i + retprobe.F_STATE
+            mm.write(at, retprobe.STATE_LIVE.to_bytes(8, "little"))
+
+    def _free_shadow_row(self, task: Task) -> None:
+        """A thread is gone: its shadow row is emptied and given back (depth, graveyard, then the key),
+        so that a thread that gets its FS base later (glibc reuses a finished thread's TLS) starts with
+        no frames. Not while another live thread of the process has that FS base."""
+        mm = task.mm
+        rp = mm.returns
+        fs = task.fs_base
+        if rp is None or mm.dead or not fs or task.pid != mm.pid:
+            return
+        gone = (TaskState.EXITED, TaskState.EXITING)
+        if any(t is not task and t.fs_base == fs and t.state not in gone for t in mm.tasks):
+            return
+        with contextlib.suppress(OSError):
+            keys = np.frombuffer(mm.read(rp.shadow, 8 * trampoline.NSLOTS), dtype="<u8")
+            for index in np.flatnonzero(keys == fs):
+                row = retprobe.row_address(rp.shadow, int(index))
+                mm.write(row, bytes(16))
+                mm.write(rp.shadow + 8 * int(index), bytes(8))

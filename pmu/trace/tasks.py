@@ -12,7 +12,7 @@ from enum import Enum
 import numpy as np
 
 from pmu.ring import Ring
-from pmu.trace import trampoline
+from pmu.trace import retprobe, trampoline
 from pmu.trace.guard import Guard
 from pmu.trace.maps import Mapping, read_maps
 
@@ -125,6 +125,12 @@ class JumpPatch:
     """Sites that use it; a forked child's copies have none until re-added."""
     lock_at: int = 0
     """Address of its trampoline's nop-or-lock byte (trampoline.LOCK)."""
+    ret: int = -1
+    """A return probe's index among its address space's return sites (retprobe.py), -1 for an entry
+    probe: the trampoline is a stub calling the return blob, and the column counts returns."""
+    guest: JumpPatch | None = None
+    """An entry probe at the same address as this return probe: its column is counted by this stub
+    (the descriptor's entry bank and site); mm.jumps holds the return probe's patch."""
 
 
 @dataclass(eq=False)
@@ -252,9 +258,86 @@ class CounterArea:
             mine.mem[enabled] = theirs.mem[enabled]
         self.locked, self.tcb = other.locked, other.tcb
 
+    def copy_keys(self, other: CounterArea) -> None:
+        """Every row owned as in `other` (a forked child's own area: the counter cells its copied
+        in-process return frames point to are its parent's rows, at the same addresses)."""
+        keys = slice(trampoline.KEYS, trampoline.KEYS + 8 * trampoline.NSLOTS)
+        for mine, theirs in zip(self.banks, other.banks, strict=False):
+            mine.mem[keys] = theirs.mem[keys]
+
     def close(self) -> None:
         for bank in self.banks:
             bank.close()
+
+
+@dataclass(eq=False)
+class ReturnArea:
+    """The return area of one address space (retprobe.py): a memfd shared with the tracee, mapped at
+    `address` there. pmu keeps its own mapping while the tracee maps it, then folds what it holds into
+    a few arrays (`fold`: lost and skipped counts, a histogram a site), so that they stay readable
+    after the tracee exec'd, died or was left, and its 32 MiB of histograms by thread are let go."""
+
+    mem: mmap.mmap | None
+    address: int
+    size: int
+    users: int = 1
+    """Live address spaces that map it (a forked child until it has its own)."""
+    _folded: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def _summary(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(lost[NRET], skipped[NRET], hist[NRET][BUCKETS], sum_ns[NRET])."""
+        if self._folded is not None:
+            return self._folded
+        assert self.mem is not None
+        words = np.frombuffer(self.mem, dtype="<u8")
+        lost = words[retprobe.A_LOST // 8 : retprobe.A_LOST // 8 + retprobe.NRET].copy()
+        skipped = words[retprobe.A_SKIPPED // 8 : retprobe.A_SKIPPED // 8 + retprobe.NRET].copy()
+        hist, sums = retprobe.histograms(words)
+        return lost, skipped, hist, sums
+
+    def lost(self, ret: int) -> int:
+        return int(self._summary()[0][ret])
+
+    def skipped(self, ret: int) -> int:
+        return int(self._summary()[1][ret])
+
+    def histogram(self, ret: int) -> tuple[np.ndarray, int]:
+        _, _, hist, sums = self._summary()
+        return hist[ret], int(sums[ret])
+
+    def put(self, offset: int, data: bytes) -> None:
+        assert self.mem is not None
+        self.mem[offset : offset + len(data)] = data
+
+    def fold(self) -> None:
+        """One address space no longer writes it; the last: keep the summary, let the mapping go."""
+        self.users -= 1
+        if self.users <= 0 and self._folded is None and self.mem is not None:
+            self._folded = self._summary()
+            self.close()
+
+    def close(self) -> None:
+        if self.mem is not None:
+            with contextlib.suppress(BufferError, ValueError):
+                self.mem.close()
+                self.mem = None
+
+
+@dataclass(eq=False)
+class InProcessReturns:
+    """Return probes served inside one address space (retprobe.py): the blob (entry routine and return
+    trampoline) in an out-of-line area, the private shadow area, and the shared return area."""
+
+    blob: int
+    shadow: int
+    area: ReturnArea
+    used: int = 0
+    """Return sites handed out (each has a descriptor in the area; never reused)."""
+
+    @property
+    def tramp(self) -> int:
+        """Where hijacked returns land."""
+        return self.blob + retprobe.RET_TRAMP
 
 
 @dataclass(eq=False)
@@ -299,6 +382,8 @@ class AddressSpace:
         """The ring its recording trampolines write into (pmu record)."""
         self.ret_tramp: int | None = None
         """Address of the int3 that hijacked returns land on (in an out-of-line area)."""
+        self.returns: InProcessReturns | None = None
+        """Return probes served in the process itself (jump-patched entries)."""
         self.internal: dict[int, str] = {}
         """Tracer-owned breakpoints (address -> purpose), such as the dynamic linker's r_brk."""
         self.locked = False

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from pmu.errors import ProcessError, TraceError, TracePermissionError
 from pmu.ring import Ring
-from pmu.trace import guard, inject
+from pmu.trace import guard, inject, retprobe
 from pmu.trace import ptrace_ops as pt
 from pmu.trace.breakpoints import Breakpoints, write_first_byte_last
 from pmu.trace.launch import exec_when_told
@@ -400,21 +400,27 @@ class Tracer(Breakpoints, Patches, Returns):
             mm.internal = dict(parent.mm.internal)
             mm.ret_tramp = parent.mm.ret_tramp
             mm.guard = parent.mm.guard.copy() if parent.mm.guard is not None else None
-            mm.jumps = {
-                a: JumpPatch(p.addr, p.orig, p.tramp, p.column, p.moves, users=0, lock_at=p.lock_at)
-                for a, p in parent.mm.jumps.items()
-            }
+            mm.jumps = {a: _copy_patch(p) for a, p in parent.mm.jumps.items()}
+            mm.returns = parent.mm.returns  # until the child gets its own return area, below
+            if mm.returns is not None:
+                mm.returns.area.users += 1
             mm.counters = parent.mm.counters  # until the child gets its own, below
             mm.ring = parent.mm.ring  # shared with the parent: records carry the child's own pid
             if mm.ring is not None:
                 mm.ring.users += 1
             mm.columns = parent.mm.columns
             mm.locked = parent.mm.locked
-            internal = {"r_brk": self._rtld_hit, "unwind": self._unwinding, "catch": self._caught}
+            internal = {
+                "r_brk": self._rtld_hit,
+                "unwind": self._unwinding,
+                "catch": self._caught,
+                "skip": self._skipped_entry,
+            }
             for addr, purpose in mm.internal.items():
                 mm.breakpoints[addr].consumers.append(internal[purpose])
         child = Task(tid=child_tid, pid=parent.pid if thread else child_tid, mm=mm)
         if mm is not parent.mm:  # the child's stack is a copy: so are the hijacked returns on it
+            child.fs_base = self.fs_base(parent)  # and its TLS: its shadow row is its parent's
             child.shadow = [
                 ReturnFrame(f.rsp, f.orig, f.handler, f.entry_ns, f.chained, f.restored)
                 for f in parent.shadow
@@ -432,6 +438,9 @@ class Tracer(Breakpoints, Patches, Returns):
                 self._unhijack(child)
                 child.detach_on_stop = True
                 mm.counters = None
+                if mm.returns is not None:
+                    mm.returns.area.fold()
+                    mm.returns = None
                 if mm.ring is not None:
                     mm.ring.users -= 1
                     mm.ring = None
@@ -439,6 +448,9 @@ class Tracer(Breakpoints, Patches, Returns):
                 with contextlib.suppress(TraceError, OSError, pt.PtraceError):
                     # If it fails, the child keeps counting in its parent's area: totals stay right.
                     self._own_counters(child, mm.counters)
+                if mm.returns is not None:
+                    with contextlib.suppress(TraceError, OSError, pt.PtraceError):
+                        self._own_returns(child, mm.returns)
             self.collect(mm)  # whatever no event re-added is restored in the child
         early = self.early.pop(child_tid, None)
         if early is not None:
@@ -511,6 +523,7 @@ class Tracer(Breakpoints, Patches, Returns):
     def _exited(self, task: Task, status: int) -> None:
         if task.state not in (TaskState.EXITED, TaskState.EXITING):
             self.listener.task_exit(task)
+            self._free_shadow_row(task)
         if task is self.root:
             self.root_status = status
         self._forget(task)
@@ -531,6 +544,8 @@ class Tracer(Breakpoints, Patches, Returns):
         """mm has no task left: a ring nobody maps any more is retired (drained to the end, then closed by
         the consumer), so that a run that execs thousands of programs does not keep thousands of rings."""
         mm.dead = True
+        if mm.returns is not None:
+            mm.returns.area.fold()  # what its processes counted stays, the mapping goes
         shared = mm.ring
         mm.ring = None
         if shared is not None:
@@ -809,6 +824,9 @@ class Tracer(Breakpoints, Patches, Returns):
         for t in list(mm.tasks):
             self._unhijack(t)
             self._step_out_of_slots(t, deliver)
+        for t in list(mm.tasks):
+            with contextlib.suppress(OSError, pt.PtraceError):
+                self._restore_inprocess(t)  # frames pushed by an entry routine stepped out of
         for bp in list(mm.breakpoints.values()):
             with contextlib.suppress(OSError):
                 write_first_byte_last(mm, bp.addr, bp.orig)
@@ -823,6 +841,13 @@ class Tracer(Breakpoints, Patches, Returns):
             for bank in mm.counters.banks:
                 self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, bank.address, bank.size)
             mm.counters = None
+        if stopped and mm.returns is not None:  # pmu's mapping of the return area stays
+            self._syscall(
+                stopped[0].tid, mm, inject.SYS_MUNMAP, mm.returns.area.address, mm.returns.area.size
+            )
+            self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, mm.returns.shadow, retprobe.SHADOW_BYTES)
+            mm.returns.area.fold()
+            mm.returns = None
         if stopped and mm.ring is not None:  # pmu's own mapping stays, to drain what is in it
             self._syscall(stopped[0].tid, mm, inject.SYS_MUNMAP, mm.ring.address, mm.ring.size)
             mm.ring = None
@@ -837,7 +862,7 @@ class Tracer(Breakpoints, Patches, Returns):
 
     def _step_out_of_slots(self, task: Task, deliver: dict[int, int]) -> None:
         """Single-step a thread whose RIP is inside an out-of-line area until it is back in real code."""
-        for _ in range(4096):  # a trampoline is about 40 instructions, its row search a loop
+        for _ in range(65536):  # a trampoline is about 40 instructions, its row searches loops
             rip = pt.peek_user(task.tid, pt.RIP)
             if not any(a.base <= rip < a.base + a.size for a in task.mm.areas):
                 return
@@ -873,6 +898,14 @@ class Tracer(Breakpoints, Patches, Returns):
         for task in list(self.tasks.values()):
             with contextlib.suppress(OSError):
                 os.kill(task.tid, signal.SIGKILL)
+
+
+def _copy_patch(p: JumpPatch) -> JumpPatch:
+    """A forked child's copy of a jump patch (and of the entry probe its stub counts): no users yet."""
+    guest = _copy_patch(p.guest) if p.guest is not None else None
+    return JumpPatch(
+        p.addr, p.orig, p.tramp, p.column, p.moves, users=0, lock_at=p.lock_at, ret=p.ret, guest=guest
+    )
 
 
 def check_traceable(pid: int) -> None:

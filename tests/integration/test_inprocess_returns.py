@@ -1,0 +1,89 @@
+"""Return probes served inside the process (pmu/trace/retprobe.py): a jump patch at the entry, a shadow
+stack per thread, no stop per call. Counts equal the kernel's uretprobes through fork, vfork and exec
+with frames live across them, with an entry probe on the same function (either added first), with
+threads that share or move their FS base (the entries the blob cannot serve go to ptrace), and deeper
+than the shadow stack."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from pmu.events.spec import parse_event
+from pmu.events.symbols import resolve_probe
+from tests.conftest import run_pmu, stat_counts
+
+NO_OPTIMIZE = bool(os.environ.get("PMU_TEST_NO_OPTIMIZE"))
+
+
+def _offset(event: str, exe: str) -> int:
+    return resolve_probe(parse_event(event), exe).file_offset
+
+
+@pytest.mark.skipif(NO_OPTIMIZE, reason="the in-process engine is the default one's")
+def test_return_probes_are_served_in_the_process(build):
+    hot = build("hot")
+    r = run_pmu("stat", "-v", "-x,", "-e", "uretprobe:work", "--", hot, "20000")
+    assert r.returncode == 0, r.stderr
+    assert stat_counts(r.stderr) == {"uretprobe:work": 20_000}
+    assert "uretprobe:work: optimized (jump patch, returns counted in the process)" in r.stderr
+
+
+@pytest.mark.parametrize("first", ["uprobe", "uretprobe"])
+def test_entry_and_return_probe_on_one_function(build, first):
+    """Either added first, the entry probe is counted by the return probe's stub."""
+    hot = build("hot")
+    other = "uretprobe" if first == "uprobe" else "uprobe"
+    r = run_pmu("stat", "-v", "-x,", "-e", f"{first}:work", "-e", f"{other}:work", "--", hot, "30000")
+    assert r.returncode == 0, r.stderr
+    assert stat_counts(r.stderr) == {"uprobe:work": 30_000, "uretprobe:work": 30_000}
+
+
+@pytest.mark.parametrize("mode", ["fork", "vfork", "exec"])
+def test_frames_live_across_fork_vfork_and_exec_equal_perf(build, kernel_uprobes, mode):
+    """spawn() forks (vforks) inside itself: its frame returns in the parent and, after fork, in the
+    child, whose shadow stack is a copy; exec leaves the child's frame behind with its image."""
+    exe = str(build("retfork"))
+    argv = [exe, "30", "40", mode]
+    bare = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    names = {
+        "uretprobe:spawn": kernel_uprobes.add("rf_spawn", exe, _offset("uprobe:spawn", exe), ret=True),
+        "uretprobe:work": kernel_uprobes.add("rf_work_r", exe, _offset("uprobe:work", exe), ret=True),
+        "uprobe:work": kernel_uprobes.add("rf_work", exe, _offset("uprobe:work", exe)),
+    }
+    perf = kernel_uprobes.stat(list(names.values()), argv)
+    r = run_pmu("stat", "-x,", *[a for e in names for a in ("-e", e)], "--", *argv)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == sorted(bare.stdout.splitlines())
+    assert stat_counts(r.stderr) == {e: perf[k] for e, k in names.items()}
+    assert perf[names["uprobe:work"]] == 70
+
+
+@pytest.mark.parametrize(
+    ("args", "calls"),
+    [(["churn", "60", "100"], 6000), (["many", "200", "300"], 60_000), (["notls", "20000"], 40_000)],
+    ids=["churn", "many", "notls"],
+)
+def test_threads_reusing_or_sharing_a_tls(build, args, calls):
+    """Threads that take a finished one's TLS (its shadow row freed at its exit), many at once, and two
+    live threads with one FS base (no new in-process frames: ptrace takes their entries)."""
+    exe = build("thread_ids")
+    r = run_pmu("stat", "-x,", "-e", "uretprobe:f", "-e", "uprobe:f", "--", exe, *args, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"f called {calls} times" in r.stdout
+    assert stat_counts(r.stderr) == {"uretprobe:f": calls, "uprobe:f": calls}
+
+
+def test_deeper_than_the_shadow_stack_every_return_counts(build):
+    """Past the shadow stack's depth the entries go to ptrace (the blob's skip trap): exact all the same,
+    and the program's result right."""
+    from pmu.trace.retprobe import MAXDEPTH
+
+    exe = build("deep")
+    depth = MAXDEPTH + 500
+    r = run_pmu("stat", "-x,", "-e", "uretprobe:down", "--", exe, str(depth))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"depth {depth}\n"
+    assert stat_counts(r.stderr) == {"uretprobe:down": depth + 1}
