@@ -143,14 +143,16 @@ def run_timed(argv: Sequence[str], timeout: float = RUN_TIMEOUT_S) -> tuple[floa
 def pmu_engine(stderr: str) -> str:
     """What `pmu stat -v` / `pmu record -v` says serves the (one) probe: "optimized (jump patch, ...)",
     "int3", "int3 (not optimized: ...)"."""
-    found = re.search(r"^pmu: uprobe:\S+: ((?:optimized|int3|not armed).*)$", stderr, re.MULTILINE)
+    found = re.search(r"^pmu: u(?:ret)?probe:\S+: ((?:optimized|int3|not armed).*)$", stderr, re.MULTILINE)
     if found is None:
         raise BenchError(f"no 'pmu: EVENT: how' line from -v in stderr: {stderr.strip()[-200:]!r}")
     return found.group(1).strip()
 
 
-def pmu_argv(command: str, target: str, n: str, *options: str, optimize: bool = True) -> list[str]:
-    """python -m pmu COMMAND -v [--no-optimize] OPTIONS -e uprobe:TARGET:SYMBOL -- TARGET N."""
+def pmu_argv(
+    command: str, target: str, n: str, *options: str, optimize: bool = True, kind: str = "uprobe"
+) -> list[str]:
+    """python -m pmu COMMAND -v [--no-optimize] OPTIONS -e KIND:TARGET:SYMBOL -- TARGET N."""
     return [
         sys.executable,
         "-m",
@@ -160,7 +162,7 @@ def pmu_argv(command: str, target: str, n: str, *options: str, optimize: bool = 
         *([] if optimize else ["--no-optimize"]),
         *options,
         "-e",
-        f"uprobe:{target}:{SYMBOL}",
+        f"{kind}:{target}:{SYMBOL}",
         "--",
         target,
         n,
