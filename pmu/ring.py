@@ -2,7 +2,8 @@
 
 A ring is one memfd: a 4 KiB header page, then `capacity` records of 128 bytes (`RECORD_DTYPE`). Producers
 are the tracer (`Ring.write`, at each ptrace stop) and jump-optimized probes: hand-encoded x86-64
-trampolines (pmu/trace/trampoline.py) that run inside the traced process, in many threads at once, with
+trampolines (pmu/trace/trampoline.py) and the return trampoline (pmu/trace/retprobe.S, whose records
+carry retval, latency_ns and FLAG_RETURN) that run inside the traced process, in many threads at once, with
 the memfd mapped shared into it. The consumer is `pmu record`, which calls `Ring.drain` (whole records)
 or `Ring.take` (the first words of each, for trampoline rings) and streams them to Parquet. So the layout
 below is an ABI for code that is not Python; its version is `VERSION` and any change to it bumps the
