@@ -10,7 +10,6 @@ answering stops while a busy ring empties.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 
@@ -168,33 +167,25 @@ class TrampolineRecords:
         """Records given as their first words (ring.take), as hits."""
         halves = words.view(np.int32)  # word 3 is pid (low half) and event (high half)
         args = tuple(words[:, 5 + i] for i in range(self.nargs))
-        hits = self._hits(
-            words[:, 1].view(np.int64), halves[:, 6], words[:, 2], halves[:, 7], words[:, 4], args
-        )
-        if words.shape[1] < RETURN_WORDS or not len(hits):
-            return hits
-        keep = self._kept
-        return dataclasses.replace(
-            hits,
-            retval=words[keep, 11],
-            latency_ns=words[keep, 12].view(np.int64),
-            flags=words[keep, 13].astype(np.uint32),
+        returns = None
+        if words.shape[1] >= RETURN_WORDS:
+            returns = (words[:, 11], words[:, 12].view(np.int64), words[:, 13].astype(np.uint32))
+        return self._hits(
+            words[:, 1].view(np.int64), halves[:, 6], words[:, 2], halves[:, 7], words[:, 4], args, returns
         )
 
     def _named(self, records: np.ndarray) -> Hits:
         """Whole records (Ring.drain), as hits."""
         args = tuple(records["args"][:, i] for i in range(self.nargs))
-        hits = self._hits(
-            records["time"], records["pid"], records["thread"], records["event"], records["ip"], args
-        )
-        if not self._returns or not len(hits):
-            return hits
-        keep = self._kept
-        return dataclasses.replace(
-            hits,
-            retval=records["retval"][keep],
-            latency_ns=records["latency_ns"][keep].astype(np.int64),
-            flags=records["flags"][keep].astype(np.uint32),
+        returns = None
+        if self._returns:
+            returns = (
+                records["retval"],
+                records["latency_ns"].astype(np.int64),
+                records["flags"].astype(np.uint32),
+            )
+        return self._hits(
+            records["time"], records["pid"], records["thread"], records["event"], records["ip"], args, returns
         )
 
     def _hits(
@@ -205,23 +196,21 @@ class TrampolineRecords:
         event: np.ndarray,
         ip: np.ndarray,
         args: tuple[np.ndarray, ...],
+        returns: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> Hits:
         """Columns of records as hits: time in CLOCK_MONOTONIC ns, thread a TID, and without the threads
-        -t leaves out."""
+        -t leaves out; `returns` (retval, latency_ns, flags) where return trampolines record too."""
         pid, tid = self.names.columns(key_pid, fs_base, tsc)
-        hits = Hits(self.clock.to_ns(tsc), pid, tid, event, ip, args)
-        self._kept: slice | np.ndarray = slice(None)
+        time_ns = self.clock.to_ns(tsc)
+        other = np.zeros(len(tsc), dtype=bool)
         for p, tids in self.only_tids.items():
-            other = (hits.pid == p) & ~np.isin(hits.tid, list(tids))
-            if other.any():
-                keep = ~other
-                self._kept = keep
-                hits = Hits(
-                    hits.time[keep],
-                    hits.pid[keep],
-                    hits.tid[keep],
-                    hits.event[keep],
-                    hits.ip[keep],
-                    tuple(a[keep] for a in hits.args),
-                )
-        return hits
+            other |= (pid == p) & ~np.isin(tid, list(tids))
+        if other.any():
+            keep = ~other
+            time_ns, pid, tid, event, ip = time_ns[keep], pid[keep], tid[keep], event[keep], ip[keep]
+            args = tuple(a[keep] for a in args)
+            if returns is not None:
+                returns = (returns[0][keep], returns[1][keep], returns[2][keep])
+        if returns is None:
+            return Hits(time_ns, pid, tid, event, ip, args)
+        return Hits(time_ns, pid, tid, event, ip, args, *returns)

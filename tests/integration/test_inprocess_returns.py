@@ -87,3 +87,23 @@ def test_deeper_than_the_shadow_stack_every_return_counts(build):
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"depth {depth}\n"
     assert stat_counts(r.stderr) == {"uretprobe:down": depth + 1}
+
+
+def test_recorded_returns_carry_retval_latency_and_the_entry_arguments(build, tmp_path):
+    """pmu record of a return probe: a row per return, the function's return value, its latency and its
+    arguments as they were at its entry (hot's work(x) returns 3x + 1)."""
+    import pyarrow.parquet as pq
+
+    hot = build("hot")
+    out = tmp_path / "ret.parquet"
+    r = run_pmu("record", "-v", "--args", "2", "-o", out, "-e", "uretprobe:work", "--", hot, "5000")
+    assert r.returncode == 0, r.stderr
+    if not NO_OPTIMIZE:
+        assert "returns counted and recorded in the process" in r.stderr, r.stderr
+    df = pq.read_table(out).to_pandas()
+    assert len(df) == 5000
+    x = df["arg0"].to_numpy().astype("uint64") & 0xFFFFFFFF
+    assert sorted(x.tolist()) == list(range(5000))
+    assert ((df["retval"].to_numpy().astype("uint64") & 0xFFFFFFFF) == 3 * x + 1).all()
+    lat = df["latency_ns"].astype("int64")
+    assert (lat >= 0).all() and (lat < 10**9).all()
