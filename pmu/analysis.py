@@ -90,6 +90,8 @@ class ThreadSummary(TypedDict):
     rate_hz: float | None
     """Hits per second: count times the sample period, over duration_s; None when the duration is 0
     (a single record)."""
+    latency_ns: LatencySummary | None
+    """The thread's latency percentiles, for a return probe with latencies; None otherwise."""
 
 
 class EventSummary(TypedDict):
@@ -319,6 +321,24 @@ def latency(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def latency_histogram(df: pd.DataFrame, by_thread: bool = False) -> pd.DataFrame:
+    """Log2 histograms of return-probe latencies, as `pmu stat --latency` keeps them: one row per event
+    (and pid, tid with `by_thread`) and bucket, `bucket` b counting the calls of b-bit nanoseconds
+    (2**(b-1) to 2**b - 1 ns; 0 is 0 ns), `low_ns`/`high_ns` its bounds; empty buckets left out."""
+    lat = latency(df)
+    keys = _THREAD_KEYS if by_thread else ["event"]
+    ns = lat["latency_ns"].to_numpy(np.int64).clip(min=0)
+    bits = np.zeros(len(ns), dtype=np.int64)
+    nonzero = ns > 0
+    bits[nonzero] = np.floor(np.log2(ns[nonzero].astype(np.float64))).astype(np.int64) + 1
+    lat = lat.assign(bucket=bits)
+    out = lat.groupby([*keys, "bucket"], observed=True).size().reset_index(name="calls")
+    b = out["bucket"].to_numpy(np.int64)
+    out["low_ns"] = np.where(b > 0, np.left_shift(1, np.maximum(b - 1, 0)), 0)
+    out["high_ns"] = np.left_shift(1, b) - 1
+    return out
+
+
 def _percentiles(values: np.ndarray[Any, Any]) -> Percentiles | None:
     if len(values) == 0:
         return None
@@ -368,6 +388,10 @@ def summary(df: pd.DataFrame) -> Summary:
     assert isinstance(hits_meta, dict) and isinstance(lost_meta, dict)
     gaps = interarrival(df)
     lat = latency(df)
+    by_thread: dict[tuple[str, int, int], np.ndarray[Any, Any]] = {}
+    for key, rows in lat.groupby(_THREAD_KEYS, observed=True):
+        e, p, t = key
+        by_thread[(str(e), int(p), int(t))] = rows["latency_ns"].to_numpy(np.int64)  # type: ignore[call-overload]
     period = sample_period(df)
     threads = df.groupby(_THREAD_KEYS, observed=True)["time_ns"].agg(["count", "min", "max"]).reset_index()
     events: list[EventSummary] = []
@@ -388,6 +412,8 @@ def summary(df: pd.DataFrame) -> Summary:
             strict=True,
         ):
             t_duration = float(last - first) / 1e9
+            mine_lat = by_thread.get((name, int(pid), int(tid)), np.empty(0, np.int64))
+            pct = _percentiles(mine_lat)
             per_thread.append(
                 ThreadSummary(
                     pid=int(pid),
@@ -395,6 +421,7 @@ def summary(df: pd.DataFrame) -> Summary:
                     count=int(n),
                     duration_s=t_duration,
                     rate_hz=_rate(int(n) * period, t_duration),
+                    latency_ns=None if pct is None else LatencySummary(count=len(mine_lat), **pct),
                 )
             )
         per_thread.sort(key=lambda t: (-t["count"], t["pid"], t["tid"]))

@@ -127,7 +127,9 @@ def write_csv(result: Summary, out: TextIO) -> None:
         for t in ev["threads"]:
             w.writerow(
                 [ev["event"], t["pid"], t["tid"], t["count"], _num(t["duration_s"]), _num(t["rate_hz"])]
-                + [""] * 7
+                + [""] * 3
+                + _pcts(t["latency_ns"])
+                + [""]
             )
 
 
@@ -154,14 +156,21 @@ def _event_lines(ev: EventSummary) -> Iterator[str]:
     if ev["lost"]:
         yield f"# Lost records: {ev['lost']:,}"
     yield "#"
-    yield f"# {'Count':>10}  {'Percent':>7}  {'Hits/s':>14}  {'Duration/s':>11}  {'PID':>8}  {'TID':>8}"
-    yield f"# {'.' * 10}  {'.' * 7}  {'.' * 14}  {'.' * 11}  {'.' * 8}  {'.' * 8}"
+    timed = ev["latency_ns"] is not None  # a return probe: each thread's latency p50 and p99 too
+    head = f"# {'Count':>10}  {'Percent':>7}  {'Hits/s':>14}  {'Duration/s':>11}  {'PID':>8}  {'TID':>8}"
+    yield head + (f"  {'Lat p50 ns':>11}  {'Lat p99 ns':>11}" if timed else "")
+    dots = f"  {'.' * 11}  {'.' * 11}" if timed else ""
+    yield f"# {'.' * 10}  {'.' * 7}  {'.' * 14}  {'.' * 11}  {'.' * 8}  {'.' * 8}{dots}"
     yield "#"
     for t in ev["threads"]:
         share = 100.0 * t["count"] / ev["count"] if ev["count"] else 0.0
+        cells = ""
+        tl = t["latency_ns"]
+        if timed:
+            cells = f"  {'-':>11}  {'-':>11}" if tl is None else f"  {tl['p50']:>11,.0f}  {tl['p99']:>11,.0f}"
         yield (
             f"  {t['count']:>10,}  {share:>6.2f}%  {_rate(t['rate_hz']):>14}  {t['duration_s']:>11.6f}"
-            f"  {t['pid']:>8}  {t['tid']:>8}"
+            f"  {t['pid']:>8}  {t['tid']:>8}{cells}"
         )
     cpus = ev["cpus"]
     if cpus:  # a system-wide recording: where the hits ran

@@ -483,7 +483,9 @@ def test_summary_single_hit_has_no_rate(tmp_path: Path) -> None:
     result = analysis.summary(analysis.load(write_recording(tmp_path / "f.parquet", [10], [1], [ENTRY])))
     (ev,) = result["events"]
     assert ev["count"] == 1 and ev["rate_hz"] is None and ev["interarrival_ns"] is None
-    assert ev["threads"] == [{"pid": PID, "tid": 1, "count": 1, "duration_s": 0.0, "rate_hz": None}]
+    assert ev["threads"] == [
+        {"pid": PID, "tid": 1, "count": 1, "duration_s": 0.0, "rate_hz": None, "latency_ns": None}
+    ]
 
 
 def test_summary_lost_from_per_event_counts(tmp_path: Path) -> None:
@@ -583,3 +585,28 @@ def test_auto_interval_is_round_and_gives_at_most_100_bins(span_ns: int, step_ns
     step = analysis.auto_interval(pd.DataFrame({"time_ns": [T0, T0 + span_ns]}))
     assert step == pd.Timedelta(step_ns, unit="ns")
     assert span_ns // step_ns + 1 <= 100
+
+
+def test_latency_per_thread_and_log2_histograms(tmp_path: Path) -> None:
+    """Two threads of one return probe: each thread's percentiles are its own, and the log2 histogram
+    (pmu stat --latency's buckets: b bits of ns) counts every call once, per event or per thread."""
+    lat = {1: [5, 5, 5, 100], 2: [1000, 1000, 0]}
+    rows = [(tid, ns) for tid, values in lat.items() for ns in values]
+    path = write_recording(
+        tmp_path / "r.parquet",
+        [T0 + k * MS for k in range(len(rows))],
+        [tid for tid, _ in rows],
+        [RET] * len(rows),
+        latency_ns=[ns for _, ns in rows],
+        retval=[0] * len(rows),
+    )
+    df = analysis.load(path)
+    ev = analysis.summary(df)["events"][0]
+    by_tid = {t["tid"]: t["latency_ns"] for t in ev["threads"]}
+    assert by_tid[1] is not None and by_tid[1]["p50"] == 5 and by_tid[1]["count"] == 4
+    assert by_tid[2] is not None and by_tid[2]["p50"] == 1000 and by_tid[2]["count"] == 3
+    hist = analysis.latency_histogram(df)
+    assert dict(zip(hist["bucket"], hist["calls"], strict=True)) == {0: 1, 3: 3, 7: 1, 10: 2}
+    assert list(hist["low_ns"]) == [0, 4, 64, 512] and list(hist["high_ns"]) == [0, 7, 127, 1023]
+    per = analysis.latency_histogram(df, by_thread=True)
+    assert per.groupby("tid")["calls"].sum().to_dict() == {1: 4, 2: 3}
