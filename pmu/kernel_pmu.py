@@ -399,6 +399,11 @@ class KernelUprobePmu(KernelPmu):
             raise KernelEventError(f"{attr.name}: this kernel has no uprobe PMU")
         exe = target.exe or self.exe
         path = resolve_target(spec.target, exe, target.mapped)
+        if spec.kind is ProbeKind.USDT:
+            raise KernelEventError(
+                f"{attr.name}: USDT probes are served by the ptrace engine (--engine ptrace), which holds"
+                " their semaphores and reads their arguments"
+            )
         probe = resolve_probe(spec, path)
         ret = spec.kind is ProbeKind.URETPROBE
         if ret and attr.latency:

@@ -24,6 +24,8 @@ from pmu.events.attr import EventAttr
 from pmu.events.event import Event, HookReason
 from pmu.events.spec import ProbeKind, ProbeSpec
 from pmu.events.symbols import ResolvedProbe, function_extent, resolve_probe, resolve_target
+from pmu.events.usdt import UsdtArg
+from pmu.trace import ptrace_ops as pt
 from pmu.trace.guard import NFRAMES
 from pmu.trace.maps import addresses_of, mapped_files
 from pmu.trace.patches import ReturnSpec
@@ -88,6 +90,10 @@ class _Site:
     """Counter columns of every jump patch the site has had (an unmapped library's keep their counts)."""
     latency: bool = False
     """A return site served in the process keeps a latency histogram there (--latency)."""
+    vaddrs: dict[int, int] = field(default_factory=dict)
+    """The file's vaddr of each address (a USDT probe has several sites)."""
+    semaphores: set[int] = field(default_factory=set)
+    """Addresses of the USDT semaphores this site holds incremented in its address space."""
 
     def empty(self) -> bool:
         return not any(self.by_tid.values())
@@ -219,6 +225,8 @@ class UprobePmu(PmuBase):
             site.plain = "a period of 2**32 or more uses int3"
         elif period and self._events_on(probe) > 1:
             site.plain = "several events record this probe"
+        elif period and probe.usdt_args and event.attr.sample_args:
+            site.plain = "USDT arguments are read at a stop"
         elif returns and event.attr.sample_args > 6:
             site.plain = "more than 6 arguments"
         else:
@@ -299,9 +307,15 @@ class UprobePmu(PmuBase):
         except OSError:
             return
         probe = site.probe
-        now = set(addresses_of(maps, probe.key.dev, probe.key.ino, probe.file_offset))
+        now: set[int] = set()
+        for offset, vaddr in probe.offsets():
+            for addr in addresses_of(maps, probe.key.dev, probe.key.ino, offset):
+                now.add(addr)
+                site.vaddrs[addr] = vaddr
         if now:
             self._armed.add(probe)
+        if probe.semaphore:
+            self._hold_semaphores(site, now)
         else:
             self._mapped.update(m.path for m in maps if m.executable and m.path.startswith("/"))
         for addr in site.addrs - now:
@@ -330,7 +344,20 @@ class UprobePmu(PmuBase):
         if now:
             self._note_how(site)
 
+    def _hold_semaphores(self, site: _Site, now: set[int]) -> None:
+        """A USDT probe's semaphore is held incremented wherever its file is mapped (the program then
+        computes the probe's arguments and reaches its sites), and given back when it is not."""
+        want = {addr - site.vaddrs[addr] + site.probe.semaphore for addr in now}
+        for sem in want - site.semaphores:
+            self.tracer.semaphore_hold(site.mm, sem)
+        for sem in site.semaphores - want:
+            self.tracer.semaphore_release(site.mm, sem)
+        site.semaphores = want
+
     def _disarm(self, site: _Site) -> None:
+        for sem in site.semaphores:
+            self.tracer.semaphore_release(site.mm, sem)
+        site.semaphores = set()
         for addr in list(site.jumps):
             self.tracer.unpatch(site.mm, addr, site.returns)
         site.jumps.clear()
@@ -344,7 +371,7 @@ class UprobePmu(PmuBase):
     # ---- jump-optimized sites --------------------------------------------------------------------
 
     def _jump_patch(self, site: _Site, addr: int) -> JumpPatch:
-        plan = jump_plan(site.probe, addr)
+        plan = jump_plan(site.probe, addr, site.vaddrs.get(addr))
         on = any(e.running for entries in site.by_tid.values() for e in entries)
         returns = ReturnSpec(site.latency) if site.returns else None
         return self.tracer.jump_patch(site.mm, addr, plan, site.record, on, returns)
@@ -464,7 +491,9 @@ class UprobePmu(PmuBase):
         """How the event's probe is served, for -v: a jump patch, or int3 and why not a jump; for a
         return probe, how many entries never returned (their frames left by longjmp or an exception:
         the entries are the returns counted plus these)."""
-        how = self._how.get((event.pmu_private, event.attr.probe.kind), "not armed")
+        kind = event.attr.probe.kind
+        kind = ProbeKind.UPROBE if kind is ProbeKind.USDT else kind
+        how = self._how.get((event.pmu_private, kind), "not armed")
         lost = 0
         if event.attr.probe.kind is ProbeKind.URETPROBE:
             lost = self._lost.get(event.pmu_private, 0)
@@ -543,7 +572,7 @@ class UprobePmu(PmuBase):
                     event = entry.event
                     event.count += 1
                     if entry.period and event.count % entry.period == 0:
-                        self._sample(entry, task, addr)
+                        self._sample(entry, task, addr, site=site)
 
     def _entered(self, site: _Site, addr: int, task: TraceTask) -> None:
         """Entry of a function with return probes: hijack its return if anything counts it."""
@@ -553,6 +582,12 @@ class UprobePmu(PmuBase):
             nargs = max((e.nargs for e in entries if e.running and e.period), default=0)
             args = self.tracer.arguments(task, nargs) if nargs else ()
             self.tracer.hijack_return(task, functools.partial(self._returned, site, addr, args))
+
+    def _usdt_args(self, site: _Site, addr: int, task: TraceTask, n: int) -> tuple[int, ...]:
+        """The first n arguments of a USDT probe at its site, from the thread's registers and memory."""
+        regs = pt.get_regs(task.tid)
+        bias = addr - site.vaddrs.get(addr, site.probe.vaddr)
+        return tuple(_usdt_value(a, regs, site.mm, bias) for a in site.probe.usdt_args[:n])
 
     def _skipped(self, task: TraceTask, ret: int, slot: int, args: tuple[int, ...]) -> None:
         """An entry the return blob left to ptrace (no shadow row, too deep, a shared FS base): the
@@ -603,26 +638,42 @@ class UprobePmu(PmuBase):
         latency_ns: int = -1,
         flags: int = 0,
         at_entry: tuple[int, ...] | None = None,
+        site: _Site | None = None,
     ) -> None:
-        """Record a hit; its arguments are the registers now, or `at_entry` (a return probe's)."""
+        """Record a hit; its arguments are the registers now, a USDT probe's operands (`site`), or
+        `at_entry` (a return probe's)."""
         ring = self.ring
         if ring is None:
             return
         if at_entry is not None:
             args = at_entry[: entry.nargs]
+        elif entry.nargs and site is not None and site.probe.usdt_args:
+            args = self._usdt_args(site, ip, task, entry.nargs)
         else:
             args = self.tracer.arguments(task, entry.nargs) if entry.nargs else ()
         ring.write(entry.index, time.monotonic_ns(), task.tid, task.pid, ip, args, retval, latency_ns, flags)
 
 
-def jump_plan(probe: ResolvedProbe, addr: int | None = None) -> PatchPlan:
-    """Whether the probe's site, mapped at `addr` (default: the file's own address), takes a jump patch:
-    its plan, or PatchRefused / RelocationError saying why not (`pmu list -v` asks the same)."""
-    extent = function_extent(probe.path, probe.vaddr)
+def _usdt_value(arg: UsdtArg, regs: object, mm: AddressSpace, bias: int) -> int:
+    def read(addr: int, size: int) -> bytes | None:
+        try:
+            return mm.read(addr, size)
+        except OSError:
+            return None  # never a fault in the program: an unreadable operand reads as 0
+
+    return arg.value(regs, read, bias)
+
+
+def jump_plan(probe: ResolvedProbe, addr: int | None = None, vaddr: int | None = None) -> PatchPlan:
+    """Whether the probe's site at file address `vaddr` (default: its first), mapped at `addr` (default:
+    the file's own address), takes a jump patch: its plan, or PatchRefused / RelocationError saying
+    why not (`pmu list -v` asks the same)."""
+    vaddr = probe.vaddr if vaddr is None else vaddr
+    extent = function_extent(probe.path, vaddr)
     if extent is None:
         raise RelocationError("the probe is not inside a function symbol")
-    addr = probe.vaddr if addr is None else addr
-    start = addr - (probe.vaddr - extent.start)
+    addr = vaddr if addr is None else addr
+    start = addr - (vaddr - extent.start)
     shift = start - extent.start  # from the file's addresses to the mapped ones
     return check_jump_patch(
         extent.code,

@@ -133,9 +133,12 @@ class KernelUprobes:
     def __init__(self) -> None:
         self.names: list[str] = []
 
-    def add(self, name: str, path: str, file_offset: int, ret: bool = False) -> str:
-        """Place p:GROUP/NAME PATH:0xOFFSET (r: for a return probe); returns the perf event name."""
-        _tracefs_write(f"{'r' if ret else 'p'}:{KPROBE_GROUP}/{name} {path}:{file_offset:#x}\n")
+    def add(self, name: str, path: str, file_offset: int, ret: bool = False, ref_ctr: int = 0) -> str:
+        """Place p:GROUP/NAME PATH:0xOFFSET (r: for a return probe; `ref_ctr`: the file offset of a USDT
+        semaphore, which the kernel then holds incremented, as perf probe does for an SDT event);
+        returns the perf event name."""
+        where = f"{path}:{file_offset:#x}" + (f"({ref_ctr:#x})" if ref_ctr else "")
+        _tracefs_write(f"{'r' if ret else 'p'}:{KPROBE_GROUP}/{name} {where}\n")
         self.names.append(name)
         return f"{KPROBE_GROUP}:{name}"
 

@@ -9,6 +9,7 @@ Grammar (one event; a comma separates events in one -e value):
     TARGET   := a path to an ELF file (contains '/') | a library short name (libc, libz.so.1)
     LOCATION := SYMBOL ['+' OFFSET] | '0x' HEXADDR
     OFFSET   := decimal | '0x' hex
+    USDT     := 'usdt:' [TARGET ':' [PROVIDER ':']] NAME      (bpftrace's spelling)
 
 Without a TARGET the event names the launched command's own executable (target None). With two parts,
 `uprobe:work` and `uretprobe:work` are TYPE:LOCATION; anything else is TARGET:LOCATION (kind uprobe).
@@ -31,6 +32,8 @@ class ProbeKind(Enum):
     """Function entry (or any instruction): fires when the instruction is about to run."""
     URETPROBE = "uretprobe"
     """Function return: fires when the probed function returns to its caller."""
+    USDT = "usdt"
+    """A statically defined probe (`.note.stapsdt`): fires at its sites, the program's own `nop`s."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class ProbeSpec:
     """ELF virtual address for `0xADDR` locations, else None."""
     text: str
     """The event as the user wrote it (used as the event's name in output)."""
+    provider: str | None = None
+    """A USDT probe's provider, where the event names it (`usdt:TARGET:PROVIDER:NAME`)."""
 
     @property
     def name(self) -> str:
@@ -61,7 +66,7 @@ _KINDS = {kind.value: kind for kind in ProbeKind}
 # for a library called "kprobe". Single letters are bpftrace's aliases (k, kr, t, u, ur, ...).
 _FOREIGN_TYPES = frozenset(
     {
-        "kprobe", "kretprobe", "tracepoint", "rawtracepoint", "usdt", "sdt", "software", "hardware",
+        "kprobe", "kretprobe", "tracepoint", "rawtracepoint", "sdt", "software", "hardware",
         "profile", "interval", "watchpoint", "asyncwatchpoint", "kfunc", "kretfunc", "fentry", "fexit",
         "iter", "rt", "BEGIN", "END", "k", "kr", "t", "u", "ur", "U", "p", "h", "s", "i", "w", "aw", "f",
         "fr", "it", "r",
@@ -80,7 +85,7 @@ def _error(text: str, problem: str, hint: str = "") -> EventSpecError:
 
 def _unknown_type(text: str, word: str) -> EventSpecError:
     return EventSpecError(
-        f"unknown event type '{word}' in '{text}' (pmu supports uprobe, uretprobe and counters)"
+        f"unknown event type '{word}' in '{text}' (pmu supports uprobe, uretprobe, usdt and counters)"
     )
 
 
@@ -127,6 +132,8 @@ def parse_event(text: str) -> ProbeSpec:
     if "," in text:
         raise _error(text, "unexpected ','", "a comma separates events in an -e list")
     parts = text.split(":")
+    if parts[0] == "usdt":
+        return _parse_usdt(text, parts[1:])
     kind = ProbeKind.UPROBE
     target: str | None = None
     if len(parts) > 3:
@@ -158,6 +165,26 @@ def parse_event(text: str) -> ProbeSpec:
     if kind is ProbeKind.URETPROBE and symbol is not None and offset != 0:
         raise _error(text, f"uretprobe on {symbol}+{offset:#x}", "a uretprobe must be on a function entry")
     return ProbeSpec(kind=kind, target=target, symbol=symbol, offset=offset, address=address, text=text)
+
+
+_USDT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_USDT_FORM = "expected usdt:[TARGET:[PROVIDER:]]NAME"
+
+
+def _parse_usdt(text: str, parts: list[str]) -> ProbeSpec:
+    if not parts or len(parts) > 3:
+        raise _error(text, "bad USDT event", _USDT_FORM)
+    target = parts[0] if len(parts) >= 2 else None
+    provider = parts[1] if len(parts) == 3 else None
+    name = parts[-1]
+    if target == "":
+        raise _error(text, "empty target")
+    for word, what in ((provider, "provider"), (name, "probe name")):
+        if word is not None and not _USDT_NAME_RE.fullmatch(word):
+            raise _error(text, f"bad USDT {what} '{word}'", _USDT_FORM)
+    return ProbeSpec(
+        kind=ProbeKind.USDT, target=target, symbol=name, offset=0, address=None, text=text, provider=provider
+    )
 
 
 EventSpec = ProbeSpec | CounterSpec

@@ -24,6 +24,7 @@ import numpy as np
 
 from pmu.errors import FileError, LibraryError, PmuError, SymbolError, UsageError
 from pmu.events.spec import ProbeKind, ProbeSpec
+from pmu.events.usdt import UsdtArg
 
 _ELF_MAGIC = b"\x7fELF"
 _EM_X86_64 = 62
@@ -109,6 +110,17 @@ class ResolvedProbe:
     ifunc: bool = False
     """The symbol is a GNU indirect function: the probe is on its resolver (run once, at binding), not on
     the implementation it selects (libc's strlen, memcpy)."""
+    sites: tuple[tuple[int, int], ...] = ()
+    """A USDT probe's sites, (file offset, vaddr) each, the first being file_offset and vaddr; () for
+    a uprobe (its one site)."""
+    semaphore: int = 0
+    """A USDT probe's semaphore (link-time vaddr of its u16), 0 when it has none."""
+    usdt_args: tuple[UsdtArg, ...] = ()
+    """A USDT probe's arguments, as the note's operands."""
+
+    def offsets(self) -> tuple[tuple[int, int], ...]:
+        """(file offset, vaddr) of every site."""
+        return self.sites or ((self.file_offset, self.vaddr),)
 
 
 @dataclass(frozen=True)
@@ -654,6 +666,8 @@ def resolve_probe(spec: ProbeSpec, path: str) -> ResolvedProbe:
     """
     info = _load(path)
     ifunc = False
+    if spec.kind is ProbeKind.USDT:
+        return _resolve_usdt(spec, path, info)
     if spec.symbol is not None:
         found = _lookup(info, spec.symbol)
         symbol: str | None = spec.symbol
@@ -702,6 +716,40 @@ def resolve_probe(spec: ProbeSpec, path: str) -> ResolvedProbe:
         sym_offset=offset,
         description=_describe(symbol, offset, vaddr, path),
         ifunc=ifunc,
+    )
+
+
+def _resolve_usdt(spec: ProbeSpec, path: str, info: _ElfInfo) -> ResolvedProbe:
+    """A USDT probe's sites in path (every site of the name), its semaphore and arguments."""
+    from pmu.events import usdt
+
+    assert spec.symbol is not None
+    found = usdt.find(path, spec.provider, spec.symbol)
+    sites = []
+    for note in found:
+        segment = info.segment(note.pc)
+        if segment is None:
+            raise SymbolError(
+                f"USDT probe {spec.symbol} at {note.pc:#x} is not in an executable segment of {path}"
+            )
+        sites.append((note.pc - segment.vaddr + segment.offset, note.pc))
+    first = found[0]
+    first_segment = info.segment(first.pc)
+    assert first_segment is not None
+    holder = _containing(info, first.pc, first_segment)
+    where = f" (in {holder.name})" if holder is not None else ""
+    return ResolvedProbe(
+        path=path,
+        key=FileKey.of(path),
+        vaddr=first.pc,
+        file_offset=sites[0][0],
+        symbol=None,
+        sym_offset=0,
+        description=f"USDT {first.provider}:{first.name}{where} in {path}"
+        + (f", {len(sites)} sites" if len(sites) > 1 else ""),
+        sites=tuple(sites),
+        semaphore=first.semaphore,
+        usdt_args=first.args,
     )
 
 

@@ -154,8 +154,36 @@ class Breakpoints:
                 with contextlib.suppress(OSError):
                     mm.write(*entry)
 
+    def semaphore_hold(self, mm: AddressSpace, addr: int) -> None:
+        """Increment the USDT semaphore (a u16) at addr: the program computes the probe's arguments and
+        reaches its site while the semaphore is non-zero. A forked child's copy of its parent's
+        increment is taken over rather than added to."""
+        if mm.inherited.get(addr, 0) > 0:
+            mm.inherited[addr] -= 1
+        else:
+            self._add_semaphore(mm, addr, 1)
+        mm.semaphores[addr] = mm.semaphores.get(addr, 0) + 1
+
+    def semaphore_release(self, mm: AddressSpace, addr: int) -> None:
+        """Undo one `semaphore_hold` (nothing once mm is gone)."""
+        held = mm.semaphores.get(addr, 0)
+        if held <= 0:
+            return
+        mm.semaphores[addr] = held - 1
+        if not mm.dead:
+            self._add_semaphore(mm, addr, -1)
+
+    def _add_semaphore(self, mm: AddressSpace, addr: int, delta: int) -> None:
+        with contextlib.suppress(OSError), self.stopped(mm):
+            value = int.from_bytes(mm.read(addr, 2), "little")
+            mm.write(addr, ((value + delta) & 0xFFFF).to_bytes(2, "little"))
+
     def collect(self, mm: AddressSpace) -> None:
         """Restore every breakpoint and jump patch of mm that nothing holds (after a fork)."""
+        for addr, n in list(mm.inherited.items()):  # increments of the parent's no probe of ours took
+            for _ in range(n):
+                self._add_semaphore(mm, addr, -1)
+        mm.inherited.clear()
         for bp in [b for b in mm.breakpoints.values() if not b.consumers]:
             self._restore(mm, bp)
         for patch in list(mm.jumps.values()):

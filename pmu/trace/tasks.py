@@ -384,6 +384,10 @@ class AddressSpace:
         """Address of the int3 that hijacked returns land on (in an out-of-line area)."""
         self.returns: InProcessReturns | None = None
         """Return probes served in the process itself (jump-patched entries)."""
+        self.semaphores: dict[int, int] = {}
+        """USDT semaphores pmu incremented in this memory: address -> by how much (released on disarm)."""
+        self.inherited: dict[int, int] = {}
+        """A forked child's copies of its parent's increments, until its own probes take them over."""
         self.internal: dict[int, str] = {}
         """Tracer-owned breakpoints (address -> purpose), such as the dynamic linker's r_brk."""
         self.locked = False

@@ -398,6 +398,7 @@ class Tracer(Breakpoints, Patches, Returns):
                 mm.breakpoints[addr] = Breakpoint(addr, bp.orig, bp.slot, bp.length)
             mm.areas = [SlotArea(a.base, a.size, a.used) for a in parent.mm.areas]
             mm.internal = dict(parent.mm.internal)
+            mm.inherited = {a: n for a, n in parent.mm.semaphores.items() if n > 0}
             mm.ret_tramp = parent.mm.ret_tramp
             mm.guard = parent.mm.guard.copy() if parent.mm.guard is not None else None
             mm.jumps = {a: _copy_patch(p) for a, p in parent.mm.jumps.items()}

@@ -49,21 +49,23 @@ def test_parse_event(
     assert spec.name == text.strip()
 
 
-@pytest.mark.parametrize("word", ["kprobe", "kretprobe", "tracepoint", "usdt", "software", "hardware",
+@pytest.mark.parametrize("word", ["kprobe", "kretprobe", "tracepoint", "sdt", "software", "hardware",
                                   "profile", "interval", "watchpoint", "k", "kr", "t", "p", "h", "s", "i",
                                   "w", "u", "ur"])  # fmt: skip
 def test_foreign_event_types_are_named(word: str) -> None:
     text = f"{word}:foo"
     with pytest.raises(EventSpecError) as err:
         parse_event(text)
-    expected = f"unknown event type '{word}' in '{text}' (pmu supports uprobe, uretprobe and counters)"
+    expected = f"unknown event type '{word}' in '{text}' (pmu supports uprobe, uretprobe, usdt and counters)"
     assert str(err.value) == expected
 
 
 def test_kprobe_message_exactly() -> None:
     with pytest.raises(EventSpecError) as err:
         parse_event("kprobe:foo")
-    expected = "unknown event type 'kprobe' in 'kprobe:foo' (pmu supports uprobe, uretprobe and counters)"
+    expected = (
+        "unknown event type 'kprobe' in 'kprobe:foo' (pmu supports uprobe, uretprobe, usdt and counters)"
+    )
     assert str(err.value) == expected
 
 
