@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Print the function symbols defined in TARGET (.symtab and .dynsym), one per line, "
         "sorted: every name printed can be probed with -e TARGET:NAME. Without TARGET, the kernel's "
         "counters pmu stat counts (-e task-clock,cycles), as perf list.",
-        usage="pmu list [TARGET [PATTERN]]",
+        usage="pmu list [--usdt] [-v] [TARGET [PATTERN]]",
     )
     p.add_argument(
         "target",
@@ -34,10 +34,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="shell glob the names must match, e.g. 'mall*' (default: every function)",
     )
     p.add_argument(
+        "--usdt",
+        action="store_true",
+        help="list TARGET's USDT probes (PROVIDER:NAME, for -e usdt:TARGET:PROVIDER:NAME) instead",
+    )
+    p.add_argument(
         "-v",
         "--verbose",
         action="store_true",
-        help="say of each function whether a probe at its entry is jump-optimized, or why it uses int3",
+        help="say of each function whether a probe at its entry is jump-optimized, or why it uses int3; "
+        "of each USDT probe its sites, semaphore and arguments",
     )
     p.set_defaults(func=run)
 
@@ -63,6 +69,29 @@ def engines(path: str, found: list[str]) -> list[str]:
     return lines
 
 
+def usdt_probes(path: str, pattern: str, verbose: bool) -> list[str]:
+    """`PROVIDER:NAME` of each USDT probe of path matching pattern (with -v: sites, semaphore, arguments)."""
+    import fnmatch
+
+    from pmu.events import usdt
+
+    probes: dict[str, list[usdt.UsdtNote]] = {}
+    for note in usdt.notes(path):
+        name = f"{note.provider}:{note.name}"
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(note.name, pattern):
+            probes.setdefault(name, []).append(note)
+    if not verbose:
+        return sorted(probes)
+    width = max((len(n) for n in probes), default=0)
+    lines = []
+    for name in sorted(probes):
+        sites = probes[name]
+        sem = "semaphore" if sites[0].semaphore else "no semaphore"
+        plural = "s" if len(sites) > 1 else ""
+        lines.append(f"{name:<{width}}  {len(sites)} site{plural}, {sem}, args: {sites[0].arg_text or '-'}")
+    return lines
+
+
 def counters() -> list[str]:
     """perf list's lines for the generic counters: `  NAME OR ALIAS   [Hardware event]`."""
     lines = []
@@ -79,9 +108,12 @@ def run(args: argparse.Namespace) -> int:
         found = counters()
     else:
         path = resolve_target(args.target, exe=None, mapped=())
-        found = list_functions(path, args.pattern)
-        if args.verbose:
-            found = engines(path, found)
+        if args.usdt:
+            found = usdt_probes(path, args.pattern, args.verbose)
+        else:
+            found = list_functions(path, args.pattern)
+            if args.verbose:
+                found = engines(path, found)
     try:
         sys.stdout.write("".join(f"{name}\n" for name in found))
         sys.stdout.flush()

@@ -130,3 +130,14 @@ def test_usdt_bad_input_is_one_line(build):
     assert true is not None
     r = run_pmu("stat", "-e", f"usdt:{true}:x", "--", true)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "has no USDT probes" in r.stderr
+
+
+def test_list_usdt(build):
+    exe = str(build("usdt"))
+    r = run_pmu("list", "--usdt", exe)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["demo:plain", "demo:tick"]
+    r = run_pmu("list", "--usdt", "-v", exe, "tick")
+    assert r.stdout.splitlines() == ["demo:tick  1 site, semaphore, args: -8@%rdi 8@%rsi"] or (
+        "demo:tick  1 site, semaphore, args:" in r.stdout
+    )
