@@ -138,6 +138,5 @@ def test_list_usdt(build):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["demo:plain", "demo:tick"]
     r = run_pmu("list", "--usdt", "-v", exe, "tick")
-    assert r.stdout.splitlines() == ["demo:tick  1 site, semaphore, args: -8@%rdi 8@%rsi"] or (
-        "demo:tick  1 site, semaphore, args:" in r.stdout
-    )
+    (line,) = r.stdout.splitlines()  # the operands are the compiler's choice of registers
+    assert line.startswith("demo:tick  1 site, semaphore, args: -8@") and line.count("@") == 2
