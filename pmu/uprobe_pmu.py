@@ -515,6 +515,17 @@ class UprobePmu(PmuBase):
             )
             instead = f"; they mapped {', '.join(alike)} instead" if alike else ""
             out.append(f"{attr.name}: never armed: no traced process mapped {probe.path}{instead}")
+        for attr, probe in self._probes.items():
+            if probe.resolver:
+                out.append(
+                    f"{attr.name}: an IFUNC: counted at the implementation its resolver picks on this CPU"
+                    f" ({probe.description}), as the program calls it; its resolver is at {probe.resolver:#x}"
+                )
+            elif probe.ifunc and not probe.sym_offset:
+                out.append(
+                    f"{attr.name}: an IFUNC: this probes its resolver, which runs once when the symbol is"
+                    " bound (pmu could not tell which implementation it picks: probe that by address)"
+                )
         skipped = self.tracer.unguarded_returns
         if skipped:
             out.append(

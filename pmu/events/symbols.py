@@ -117,6 +117,9 @@ class ResolvedProbe:
     """A USDT probe's semaphore (link-time vaddr of its u16), 0 when it has none."""
     usdt_args: tuple[UsdtArg, ...] = ()
     """A USDT probe's arguments, as the note's operands."""
+    resolver: int = 0
+    """For an IFUNC followed to its implementation: the resolver's vaddr (vaddr is the implementation's);
+    0 otherwise."""
 
     def offsets(self) -> tuple[tuple[int, int], ...]:
         """(file offset, vaddr) of every site."""
@@ -701,6 +704,15 @@ def resolve_probe(spec: ProbeSpec, path: str) -> ResolvedProbe:
             raise SymbolError(
                 f"uretprobe at {vaddr:#x} is not on a function entry: it is {symbol}+{offset:#x} in {path}"
             )
+    resolver = 0
+    if ifunc and spec.symbol is not None and not offset:
+        chosen = ifunc_choice(path, spec.symbol)
+        if chosen is not None and info.segment(chosen) is not None:
+            resolver, vaddr = vaddr, chosen
+            segment = info.segment(vaddr)
+            assert segment is not None
+            holder = _containing(info, vaddr, segment)
+            symbol = holder.name if holder is not None else None
     if spec.kind is ProbeKind.URETPROBE and info.go:
         raise SymbolError(
             f"uretprobe:{symbol or hex(vaddr)}: {path} is a Go program, whose goroutine stacks move as they"
@@ -714,9 +726,67 @@ def resolve_probe(spec: ProbeSpec, path: str) -> ResolvedProbe:
         file_offset=vaddr - segment.vaddr + segment.offset,
         symbol=symbol,
         sym_offset=offset,
-        description=_describe(symbol, offset, vaddr, path),
+        description=(
+            f"{spec.symbol}'s implementation {symbol or hex(vaddr)} (the IFUNC's choice) in {path}"
+            if resolver
+            else _describe(symbol, offset, vaddr, path)
+        ),
         ifunc=ifunc,
+        resolver=resolver,
     )
+
+
+def ifunc_choice(path: str, name: str) -> int | None:
+    """The vaddr in `path` of the implementation an IFUNC symbol resolves to on this machine, or None.
+
+    Found in pmu's own process, which calls nothing for it: where pmu itself maps that very file (libc,
+    libm: the libraries IFUNCs live in), dlsym of the name in it gives what the dynamic linker bound
+    (the resolver ran when the library was loaded, on this CPU); that address, back in file terms, is
+    the implementation any process of this machine binds to (the resolver's choice depends on the CPU's
+    features; a GLIBC_TUNABLES setting that differs in the target is not seen)."""
+    import ctypes
+
+    key = FileKey.of(path)
+    mine = [m for m in _self_maps() if (m.dev, m.ino) == (key.dev, key.ino)]
+    if not mine:
+        return None
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        addr = ctypes.cast(getattr(lib, name.split("@")[0]), ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+    if not addr:
+        return None
+    for m in mine:
+        if m.start <= addr < m.end:
+            offset = addr - m.start + m.offset
+            for seg in _load(path).segments:  # executable ones: an implementation is code
+                if seg.offset <= offset < seg.offset + seg.filesz:
+                    return offset - seg.offset + seg.vaddr
+    return None
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    start: int
+    end: int
+    offset: int
+    dev: int
+    ino: int
+
+
+def _self_maps() -> list[_Mapped]:
+    """pmu's own file mappings (from /proc/self/maps)."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 6:
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            major, minor = (int(x, 16) for x in fields[3].split(":"))
+            out.append(_Mapped(start, end, int(fields[2], 16), os.makedev(major, minor), int(fields[4])))
+    return out
 
 
 def _resolve_usdt(spec: ProbeSpec, path: str, info: _ElfInfo) -> ResolvedProbe:
