@@ -29,7 +29,7 @@ from pmu.trace import ptrace_ops as pt
 from pmu.trace.guard import NFRAMES
 from pmu.trace.maps import addresses_of, mapped_files
 from pmu.trace.patches import ReturnSpec
-from pmu.trace.patchsafety import PatchPlan, check_jump_patch
+from pmu.trace.patchsafety import PatchPlan, PatchRefused, Refusal, check_jump_patch
 from pmu.trace.relocate import build_slot
 from pmu.trace.tasks import AddressSpace, JumpPatch, ReturnArea, ReturnFrame, TaskState
 from pmu.trace.tasks import Task as TraceTask
@@ -686,7 +686,7 @@ def jump_plan(probe: ResolvedProbe, addr: int | None = None, vaddr: int | None =
     addr = vaddr if addr is None else addr
     start = addr - (vaddr - extent.start)
     shift = start - extent.start  # from the file's addresses to the mapped ones
-    return check_jump_patch(
+    plan = check_jump_patch(
         extent.code,
         start,
         extent.size,
@@ -695,6 +695,15 @@ def jump_plan(probe: ResolvedProbe, addr: int | None = None, vaddr: int | None =
         read=lambda at, n: extent.read(at - shift, n),
         pointed=lambda lo, hi: extent.pointed(lo - shift, hi - shift),
     )
+    foreign = extent.foreign(vaddr, vaddr + plan.length)
+    if foreign is not None:
+        source, target = foreign
+        raise PatchRefused(
+            addr,
+            Refusal.BRANCH_INTO_PATCH,
+            f"a branch at {source:#x}, outside the function, lands at {target:#x}, inside the patched bytes",
+        )
+    return plan
 
 
 def _owner_of(task: TraceTask, fs: int) -> TraceTask:

@@ -9,6 +9,7 @@ Parsed ELF facts are cached per file version, so resolving many events on libc o
 from __future__ import annotations
 
 import bisect
+import contextlib
 import difflib
 import fnmatch
 import functools
@@ -433,59 +434,79 @@ def _read_elf(elf: Any, path: str, file_size: int) -> _ElfInfo:
         else:  # the same function seen in .symtab and .dynsym: merge what each knows
             at[symbol.value] = _merge(replace(old, name=name), symbol)
 
-    for index, section in enumerate(sections):
-        if section["sh_type"] not in ("SHT_SYMTAB", "SHT_DYNSYM"):
-            continue
-        if section["sh_entsize"] != _SYM_DTYPE.itemsize:
-            raise _elf_error(path, f"corrupt: {section.name} entry size {section['sh_entsize']}")
-        if section["sh_link"] >= len(sections):
-            raise _elf_error(path, f"corrupt: {section.name} links to no string table")
-        data = _section_bytes(section, path, file_size)
-        strtab = _section_bytes(sections[section["sh_link"]], path, file_size)
-        syms = np.frombuffer(data, dtype=_SYM_DTYPE, count=len(data) // _SYM_DTYPE.itemsize)
-        sym_type = syms["info"] & 0xF
-        shndx = syms["shndx"]
-        defined = (shndx != _SHN_UNDEF) & (shndx < _SHN_LORESERVE) & (syms["name"] != 0)
-        in_exec = executable[np.minimum(shndx, len(sections))]
-        wanted = defined & (
-            (sym_type == _STT_FUNC) | (sym_type == _STT_GNU_IFUNC) | ((sym_type == _STT_NOTYPE) & in_exec)
-        )
-        indices = np.flatnonzero(wanted)
-        columns = zip(
-            indices.tolist(),
-            syms["name"][indices].tolist(),
-            syms["value"][indices].tolist(),
-            syms["size"][indices].tolist(),
-            (syms["info"][indices] >> 4).tolist(),
-            sym_type[indices].tolist(),
-            shndx[indices].tolist(),
-            strict=True,
-        )
-        versym = versions.get(index)
-        for i, name_at, value, size, bind, typ, sec in columns:
-            name_end = strtab.find(b"\0", name_at)
-            if name_end < 0:
-                raise _elf_error(path, f"corrupt: symbol name outside {sections[section['sh_link']].name}")
-            name = strtab[name_at:name_end].decode("utf-8", "replace")
-            symbol = _Symbol(
-                name=name,
-                value=value,
-                size=size,
-                local=bind == _STB_LOCAL,
-                ifunc=typ == _STT_GNU_IFUNC,
-                section_end=section_ends[sec] if sec < len(section_ends) else value + size,
+    def scan(
+        sections: list[Any],
+        executable: Any,
+        section_ends: list[int],
+        versions: dict[int, Any],
+        where: str,
+        file_bytes: int,
+    ) -> None:
+        for index, section in enumerate(sections):
+            if section["sh_type"] not in ("SHT_SYMTAB", "SHT_DYNSYM"):
+                continue
+            if section["sh_entsize"] != _SYM_DTYPE.itemsize:
+                raise _elf_error(where, f"corrupt: {section.name} entry size {section['sh_entsize']}")
+            if section["sh_link"] >= len(sections):
+                raise _elf_error(where, f"corrupt: {section.name} links to no string table")
+            data = _section_bytes(section, where, file_bytes)
+            strtab = _section_bytes(sections[section["sh_link"]], where, file_bytes)
+            syms = np.frombuffer(data, dtype=_SYM_DTYPE, count=len(data) // _SYM_DTYPE.itemsize)
+            sym_type = syms["info"] & 0xF
+            shndx = syms["shndx"]
+            defined = (shndx != _SHN_UNDEF) & (shndx < _SHN_LORESERVE) & (syms["name"] != 0)
+            in_exec = executable[np.minimum(shndx, len(sections))]
+            wanted = defined & (
+                (sym_type == _STT_FUNC) | (sym_type == _STT_GNU_IFUNC) | ((sym_type == _STT_NOTYPE) & in_exec)
             )
-            version = versym[i] if versym is not None and i < len(versym) else None
-            if version is None:
-                add(name, symbol)
-                if "@@" in name:  # a default-versioned name in .symtab answers to its plain name too
-                    add(name.split("@@", 1)[0], symbol)
-            elif version[1]:  # a hidden (non-default) version: reachable only by its versioned name
-                add(f"{name}@{version[0]}", symbol)
-            else:
-                add(name, symbol)
-                add(f"{name}@@{version[0]}", symbol)
+            indices = np.flatnonzero(wanted)
+            columns = zip(
+                indices.tolist(),
+                syms["name"][indices].tolist(),
+                syms["value"][indices].tolist(),
+                syms["size"][indices].tolist(),
+                (syms["info"][indices] >> 4).tolist(),
+                sym_type[indices].tolist(),
+                shndx[indices].tolist(),
+                strict=True,
+            )
+            versym = versions.get(index)
+            for i, name_at, value, size, bind, typ, sec in columns:
+                name_end = strtab.find(b"\0", name_at)
+                if name_end < 0:
+                    raise _elf_error(
+                        where, f"corrupt: symbol name outside {sections[section['sh_link']].name}"
+                    )
+                name = strtab[name_at:name_end].decode("utf-8", "replace")
+                symbol = _Symbol(
+                    name=name,
+                    value=value,
+                    size=size,
+                    local=bind == _STB_LOCAL,
+                    ifunc=typ == _STT_GNU_IFUNC,
+                    section_end=section_ends[sec] if sec < len(section_ends) else value + size,
+                )
+                version = versym[i] if versym is not None and i < len(versym) else None
+                if version is None:
+                    add(name, symbol)
+                    if "@@" in name:  # a default-versioned name in .symtab answers to its plain name too
+                        add(name.split("@@", 1)[0], symbol)
+                elif version[1]:  # a hidden (non-default) version: reachable only by its versioned name
+                    add(f"{name}@{version[0]}", symbol)
+                else:
+                    add(name, symbol)
+                    add(f"{name}@@{version[0]}", symbol)
 
+    scan(sections, executable, section_ends, versions, path, file_size)
+    if not any(sec["sh_type"] == "SHT_SYMTAB" for sec in sections):
+        # Stripped: the full symbol table of its separate debug file (or MiniDebugInfo), as gdb finds it.
+        found = _debug_symbols(elf, path, sections, file_size)
+        if found is not None:
+            dsections, dsize, where = found
+            dexec = np.array([bool(sec["sh_flags"] & _SHF_EXECINSTR) for sec in dsections] + [False])
+            dends = [sec["sh_addr"] + sec["sh_size"] for sec in dsections]
+            with contextlib.suppress(PmuError):  # a corrupt debug file does not make the file unusable
+                scan(dsections, dexec, dends, {}, where, dsize)
     by_name = {name: tuple(at.values()) for name, at in candidates.items()}
     best: dict[int, _Symbol] = {}
     for symbols in by_name.values():
@@ -507,6 +528,77 @@ def _read_elf(elf: Any, path: str, file_size: int) -> _ElfInfo:
         entries=frozenset(starts),
         go=any(sec.name in (".go.buildinfo", ".note.go.buildid") for sec in sections),
     )
+
+
+DEBUG_ROOT = "/usr/lib/debug"
+"""Where separate debug files live, as gdb looks for them (its debug-file-directory)."""
+
+
+def debug_file(elf: Any, path: str) -> str | None:
+    """The separate debug file of a stripped ELF file, as gdb finds it: by build ID
+    (DEBUG_ROOT/.build-id/xx/rest.debug), then by .gnu_debuglink's name next to the file, in its .debug
+    directory and under DEBUG_ROOT (the link's CRC checked)."""
+    import zlib
+
+    build_id = None
+    for section in elf.iter_sections():
+        if section["sh_type"] == "SHT_NOTE":
+            for note in section.iter_notes():
+                if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
+                    build_id = note["n_desc"]
+    if isinstance(build_id, str) and len(build_id) > 2:
+        candidate = os.path.join(DEBUG_ROOT, ".build-id", build_id[:2], build_id[2:] + ".debug")
+        if os.path.isfile(candidate):
+            return candidate
+    link = elf.get_section_by_name(".gnu_debuglink")
+    if link is None:
+        return None
+    data = link.data()
+    name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+    crc_at = (len(name) + 4) & ~3
+    want = int.from_bytes(data[crc_at : crc_at + 4], "little") if len(data) >= crc_at + 4 else None
+    here = os.path.dirname(os.path.realpath(path))
+    for candidate in (
+        os.path.join(here, name),
+        os.path.join(here, ".debug", name),
+        os.path.join(DEBUG_ROOT, here.lstrip("/"), name),
+    ):
+        if candidate != os.path.realpath(path) and os.path.isfile(candidate):
+            try:
+                with open(candidate, "rb") as f:
+                    crc = zlib.crc32(f.read())
+            except OSError:
+                continue
+            if want is None or crc == want:
+                return candidate
+    return None
+
+
+def _debug_symbols(
+    elf: Any, path: str, sections: list[Any], file_size: int
+) -> tuple[list[Any], int, str] | None:
+    """The sections of the symbol tables that complete a stripped file: its debug file's, else its
+    MiniDebugInfo's (.gnu_debugdata, an xz-compressed ELF holding .symtab, as Fedora ships)."""
+    import io
+    import lzma
+
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        found = debug_file(elf, path)
+        if found is not None:
+            with open(found, "rb") as f:
+                data = f.read()
+            return list(ELFFile(io.BytesIO(data)).iter_sections()), len(data), found
+        mini = elf.get_section_by_name(".gnu_debugdata")
+        if mini is not None:
+            data = lzma.decompress(_section_bytes(mini, path, file_size))
+            return list(ELFFile(io.BytesIO(data)).iter_sections()), len(data), f"{path} (.gnu_debugdata)"
+    except (OSError, lzma.LZMAError, ValueError):
+        return None
+    except Exception:  # a corrupt debug file is no reason to refuse the file itself
+        return None
+    return None
 
 
 def _merge(keep: _Symbol, other: _Symbol) -> _Symbol:
@@ -851,6 +943,13 @@ class FunctionExtent:
     pointed: Callable[[int, int], bool]
     """pointed(lo, hi): whether the file holds an address in [lo, hi) where code can take it from (see
     `code_pointers`)."""
+    foreign: Callable[[int, int], tuple[int, int] | None] = lambda lo, hi: None
+    """foreign(lo, hi): a direct branch of a nearby function into (lo, hi), as (its address, its
+    target), or None (hand-written code jumps into its neighbours: glibc's mempcpy into memmove)."""
+
+
+NEIGHBOURHOOD = 16384
+"""How far around a function the code is searched for branches into it (`FunctionExtent.foreign`)."""
 
 
 def function_extent(path: str, vaddr: int) -> FunctionExtent | None:
@@ -875,7 +974,60 @@ def function_extent(path: str, vaddr: int) -> FunctionExtent | None:
         functools.partial(_read_mapped, info),
         info.entries,
         functools.partial(_pointed, info),
+        functools.partial(_foreign_branch, info, segment, symbol.value, symbol.value + len(code)),
     )
+
+
+def _foreign_branch(
+    info: _ElfInfo, segment: _Segment, start: int, end: int, lo: int, hi: int
+) -> tuple[int, int] | None:
+    """A direct branch into (lo, hi) from the code of the other functions within NEIGHBOURHOOD of
+    [start, end) (each decoded from its own start, once per file version)."""
+    first = bisect.bisect_left(info.starts, max(segment.vaddr, start - NEIGHBOURHOOD))
+    last = bisect.bisect_right(info.starts, min(segment.vaddr + segment.filesz, end + NEIGHBOURHOOD))
+    for i in range(first, last):
+        other = info.starts[i]
+        if start <= other < end:
+            continue
+        following = info.starts[i + 1] if i + 1 < len(info.starts) else segment.vaddr + segment.filesz
+        for address, target in _branches(info.path, other, min(following, segment.vaddr + segment.filesz)):
+            if lo < target < hi and not start <= address < end:
+                return address, target
+    return None
+
+
+@functools.lru_cache(maxsize=65536)
+def _branches(path: str, start: int, end: int) -> tuple[tuple[int, int], ...]:
+    """(address, target) of every direct jmp, jcc and call in the code [start, end) of path."""
+    info = _load(path)
+    segment = info.segment(start)
+    if segment is None or end <= start:
+        return ()
+    try:
+        code = _read_code(info, segment, start, end - start)
+    except (OSError, ValueError, PmuError):
+        return ()
+    md = _capstone()
+    out = []
+    for address, _size, mnemonic, op_str in md.disasm_lite(code, start):
+        if (
+            mnemonic.startswith("j")
+            or mnemonic == "call"
+            or mnemonic.endswith(" jmp")
+            or mnemonic.endswith(" call")
+        ):
+            try:
+                out.append((address, int(op_str, 0)))
+            except ValueError:
+                continue
+    return tuple(out)
+
+
+@functools.cache
+def _capstone() -> Any:
+    import capstone
+
+    return capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 
 def _pointed(info: _ElfInfo, lo: int, hi: int) -> bool:

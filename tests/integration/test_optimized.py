@@ -179,3 +179,18 @@ def test_attach_to_another_users_process(build, tmp_path_factory):
     finally:
         if spin.poll() is None:
             spin.kill()
+
+
+def test_no_jump_patch_where_another_function_jumps_into_the_bytes(build):
+    """entry_b jumps into func_a's third byte (hand-written code, as glibc's mempcpy into memmove): a
+    jump patch there would send it into the middle of the jmp. pmu finds the branch in the nearby code,
+    probes func_a with int3, and the program computes as without pmu."""
+    exe = build("intojump")
+    bare = subprocess.run([exe, "5000"], capture_output=True, text=True, timeout=60)
+    r = run_pmu("stat", "-v", "-x,", "-e", "uprobe:func_a", "-e", "uprobe:entry_b", "--", exe, "5000")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == bare.stdout
+    assert stat_counts(r.stderr) == {"uprobe:func_a": 5000, "uprobe:entry_b": 5000}
+    if not NO_OPTIMIZE:
+        refused = r"uprobe:func_a: int3 \(not optimized: .*branch-into-patch.*outside the function"
+        assert re.search(refused, r.stderr), r.stderr
