@@ -105,9 +105,10 @@ def test_sigkill_of_pmu_while_threads_sit_deep_in_probed_recursion(build, tmp_pa
             pmu.kill()
             pmu.wait()
             os.close(os.open(hold, os.O_RDWR))  # the command's cat gets its end of file
-        while _tracer(target.pid) != 0:  # the kernel detaches the tracees of a dead tracer
+        while _tracer(target.pid) != 0 and target.poll() is None:  # the kernel detaches a dead tracer's
             time.sleep(0.001)
-        ctl.write_text("release\n")
+        assert target.poll() is None, "the target died with pmu"
+        ctl.write_text("release\n")  # it reads CTL until "release" (deep_threads.c): a reader is there
         out, _ = target.communicate(timeout=60)
         assert (target.returncode, out) == (0, "ok 4\n")
     finally:

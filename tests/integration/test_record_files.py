@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
@@ -48,12 +49,22 @@ class FixedHits(Spin):
         return ["sh", "-c", script]
 
     def release(self) -> None:
-        """Let the command of `go_command(hold=True)` end."""
+        """Let the command of `go_command(hold=True)` end: its cat gets the FIFO's end of file, or,
+        not there yet (pmu ended before the command reached it), the command is killed: it must not
+        outlive the test."""
         try:
             fd = os.open(self.hold, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:  # ENXIO: no reader, the command never got that far
-            return
-        os.close(fd)
+            os.close(fd)
+        except OSError:  # ENXIO: no reader yet
+            pass
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if str(self.hold).encode() in f.read():
+                            os.kill(int(entry), signal.SIGKILL)
+                except OSError:
+                    continue
 
     def go(self) -> None:
         """One round without pmu: each call still computes right. The line of the round pmu's command
