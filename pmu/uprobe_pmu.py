@@ -498,6 +498,12 @@ class UprobePmu(PmuBase):
         if event.attr.probe.kind is ProbeKind.URETPROBE:
             lost = self._lost.get(event.pmu_private, 0)
             lost += sum(area.lost(ret) for area, ret in self._inprocess(event.pmu_private))
+            served = sum(area.skipped(ret) for area, ret in self._inprocess(event.pmu_private))
+            if served:
+                how += (
+                    f"; {served:,} call{'s' if served > 1 else ''} served by ptrace (no room in the process:"
+                    " deeper than its shadow stack, a thread with no TLS or no free row, a shared FS base)"
+                )
         if lost:
             how += f"; {lost:,} frame{'s' if lost > 1 else ''} left without returning (longjmp, an exception)"
         return how

@@ -25,9 +25,10 @@
     .equ S_ROW_SHIFT, 18         #   256 KiB a thread
     .equ R_DEPTH, 0x00           # shadow row: frames in use
     .equ R_GNEXT, 0x08           #   graveyard insertion count
-    .equ R_GRAVE, 0x40           #   16 buried frames of 32 bytes (slot, orig, cell, desc)
-    .equ R_FRAMES, 0x400         #   frames of 128 bytes
-    .equ MAXDEPTH, 2040
+    .equ R_GRAVE, 0x40           #   64 buried frames of 32 bytes (slot, orig, cell, desc)
+    .equ R_FRAMES, 0x1000        #   frames of 128 bytes
+    .equ MAXDEPTH, 2016
+    .equ DROP_LIMIT, 4096        # an entry drops only frames at most this far below its slot
     .equ F_SLOT, 0
     .equ F_ORIG, 8
     .equ F_TSC, 16
@@ -139,10 +140,16 @@ entry:
     lea rdx, [r9+rax+R_FRAMES-128]
     cmp [rdx+F_SLOT], r8
     ja .Lpush                    # above ours: alive
-    jb .Lbury
+    jb .Lbelow
     lea rax, [rip+.Lret_tramp]     # our very slot: a tail call out of that frame's function keeps it
     cmp [r8], rax
     je .Lpush
+    jmp .Lbury
+.Lbelow:                         # far below: perhaps another stack's (we may be a signal handler on
+    mov rax, r8                  # an alternate stack above the thread's): a return will judge it
+    sub rax, [rdx+F_SLOT]
+    cmp rax, DROP_LIMIT
+    ja .Lpush
 .Lbury:
     call bury
     dec rcx
@@ -154,15 +161,17 @@ entry:
     mov rax, rcx
     shl rax, 7
     lea rdx, [r9+rax+R_FRAMES]   # the new frame
-    mov [rdx+F_SLOT], r8
-    mov rax, [r8]
-    mov [rdx+F_ORIG], rax
+    mov qword ptr [rdx+F_SLOT], -1   # reserved: alive to any entry, the frame of no return
+    inc rcx
+    mov [r9+R_DEPTH], rcx        # ours now: a signal handler's probed calls go above it
     mov [rdx+F_CELL], r10
-    mov [rdx+F_DESC], r11
-    mov qword ptr [rdx+F_STATE], 0
+    mov r10, rdx
+    mov rax, [r8]
+    mov [r10+F_ORIG], rax
+    mov [r10+F_DESC], r11
+    mov qword ptr [r10+F_STATE], 0
     test dword ptr [r11+D_FLAGS], 3
     jz .Lin
-    mov r10, rdx
     rdtsc
     shl rdx, 32
     or rax, rdx
@@ -180,8 +189,7 @@ entry:
     mov rax, [rsp+8]
     mov [r10+F_ARGS+40], rax     # r9
 .Lin:
-    inc rcx
-    mov [r9+R_DEPTH], rcx        # the frame is in,
+    mov [r10+F_SLOT], r8         # the frame is whole,
     lea rax, [rip+.Lret_tramp]
     mov [r8], rax                # and only then does the function return to the trampoline
     jmp .Lout
@@ -239,7 +247,7 @@ bury:
     mov rax, [r9+R_GNEXT]
     lea rcx, [rax+1]
     mov [r9+R_GNEXT], rcx
-    and eax, 15
+    and eax, 63
     shl eax, 5
     lea rax, [r9+rax+R_GRAVE]
     mov rcx, [rdx+F_SLOT]
@@ -272,14 +280,14 @@ ret_tramp:
     push r9
     push r10
     push r11                     # S = rsp + 0xB8
+    lea r8, [rsp+0xB8]           # S
     rdfsbase rax
     mov rdx, [rip+shadow_base]
     FIND_ROW
-    jne .Lnoframe
+    jne .Lglobal
     shl rcx, S_ROW_SHIFT
     lea r9, [rdx+rcx+S_ROWS]     # the thread's shadow row
     mov rcx, [r9+R_DEPTH]
-    lea r8, [rsp+0xB8]           # S
     mov rax, rcx
 .Lfind:                          # the innermost frame of this slot
     test rax, rax
@@ -300,17 +308,20 @@ ret_tramp:
     lea rdx, [r9+rdx+R_FRAMES]
     call bury
     jmp .Labove
-.Lgrave:                         # none on the stack: a frame buried by mistake (another stack's)
+.Lgrave:                         # none on the stack: a frame buried by mistake (another stack's),
+    mov rdx, [r9+R_GNEXT]        # the most recently buried first
     xor eax, eax
-1:  mov r10, rax
+1:  lea r10, [rdx-1]
+    sub r10, rax
+    and r10d, 63
     shl r10, 5
     lea r10, [r9+r10+R_GRAVE]
     cmp [r10], r8
     je 2f
     inc eax
-    cmp eax, 16
+    cmp eax, 64
     jb 1b
-    jmp .Lnoframe
+    jmp .Lglobal
 2:  mov qword ptr [r10], 0       # taken back out: no longer lost
     mov rdx, [r10+24]
     mov edx, [rdx+D_RET]
@@ -434,6 +445,7 @@ ret_tramp:
     add rsp, 8                   # now
 .Lpop:
     mov [r9+R_DEPTH], r8         # popped, once all of it has been read
+.Lleave:
     pop r11
     pop r10
     pop r9
@@ -446,7 +458,35 @@ ret_tramp:
     pop rax
     lea rsp, [rsp+0x80]
     jmp qword ptr [rsp-8]
-.Lnoframe:                       # nowhere to return to: say so and stop (never reached by design)
+.Lglobal:                        # in no frame of this thread's row: the thread changed its FS base
+    mov rdx, [rip+shadow_base]   # inside the function (arch_prctl): every row is searched
+    xor ecx, ecx
+3:  cmp qword ptr [rdx+rcx*8], 0
+    je 5f
+    mov r9, rcx
+    shl r9, S_ROW_SHIFT
+    lea r9, [rdx+r9+S_ROWS]
+    mov rax, [r9+R_DEPTH]
+    cmp rax, MAXDEPTH
+    ja 5f
+4:  test rax, rax
+    jz 5f
+    dec rax
+    mov r10, rax
+    shl r10, 7
+    lea r10, [r9+r10+R_FRAMES]
+    cmp [r10+F_SLOT], r8
+    jne 4b
+    mov rax, [r10+F_ORIG]        # found in the row of its old FS base, which may be another live
+    mov [r8], rax                # thread's now: only the frame's slot is written (dead: 0)
+    mov rax, [r10+F_CELL]
+    lock inc qword ptr [rax]     # count the return
+    mov qword ptr [r10+F_SLOT], 0
+    jmp .Lleave
+5:  inc ecx
+    cmp ecx, NSLOTS
+    jb 3b
+.Lnoframe:                       # nowhere to return to: stop (never reached by design)
     ud2
     .globl blob_end
 blob_end:

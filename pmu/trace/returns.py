@@ -143,7 +143,9 @@ class Returns:
             if not shadow:  # not one of ours after all: leave it alone
                 return
         else:
-            while shadow and shadow[-1].rsp <= rsp:
+            # frames below (or at) this slot are dead, if near: farther, they may be another stack's
+            # (a handler on an alternate stack above the thread's), left to a return to judge
+            while shadow and shadow[-1].rsp <= rsp and rsp - shadow[-1].rsp <= retprobe.DROP_LIMIT:
                 frame = shadow.pop()
                 self._drop_frame(mm, frame)
                 self._lost(frame)
@@ -265,6 +267,8 @@ class Returns:
         mm = task.mm
         tramp = rp.tramp.to_bytes(8, "little")
         for i, (slot, orig, _cell, _desc, state) in enumerate(frames):
+            if not 0 < slot < 1 << 63:
+                continue  # dead (0), or still being filled by its entry (-1)
             if state == retprobe.STATE_LIVE:
                 with contextlib.suppress(OSError):
                     if mm.read(slot, 8) == tramp:
@@ -287,7 +291,7 @@ class Returns:
         rsp = pt.peek_user(task.tid, pt.RSP)
         tramp = rp.tramp.to_bytes(8, "little")
         for i, (slot, orig, _cell, _desc, state) in enumerate(frames):
-            if state != retprobe.STATE_RESTORED or slot <= rsp:
+            if state != retprobe.STATE_RESTORED or slot <= rsp or slot >= 1 << 63:
                 continue
             if mm.read(slot, 8) == orig.to_bytes(8, "little"):
                 mm.write(slot, tramp)
@@ -310,5 +314,11 @@ class Returns:
             keys = np.frombuffer(mm.read(rp.shadow, 8 * trampoline.NSLOTS), dtype="<u8")
             for index in np.flatnonzero(keys == fs):
                 row = retprobe.row_address(rp.shadow, int(index))
+                depth = min(int.from_bytes(mm.read(row, 8), "little"), retprobe.MAXDEPTH)
+                if depth:  # frames it leaves (pthread_exit inside them): they never return
+                    data = mm.read(row, retprobe.R_FRAMES + retprobe.FRAME * depth)
+                    for slot, _orig, _cell, desc, _state in retprobe.frames(data):
+                        if 0 < slot < 1 << 63:
+                            rp.area.note_lost((desc - rp.area.address - retprobe.A_DESCS) // retprobe.DESC)
                 mm.write(row, bytes(16))
                 mm.write(rp.shadow + 8 * int(index), bytes(8))

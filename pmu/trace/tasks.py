@@ -283,6 +283,7 @@ class ReturnArea:
     users: int = 1
     """Live address spaces that map it (a forked child until it has its own)."""
     _folded: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    _left: dict[int, int] = field(default_factory=dict)
 
     def _summary(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(lost[NRET], skipped[NRET], hist[NRET][BUCKETS], sum_ns[NRET])."""
@@ -296,7 +297,12 @@ class ReturnArea:
         return lost, skipped, hist, sums
 
     def lost(self, ret: int) -> int:
-        return int(self._summary()[0][ret])
+        return int(self._summary()[0][ret]) + self._left.get(ret, 0)
+
+    def note_lost(self, ret: int) -> None:
+        """A frame of return site `ret` a thread left behind as it exited (counted by pmu)."""
+        if 0 <= ret < retprobe.NRET:
+            self._left[ret] = self._left.get(ret, 0) + 1
 
     def skipped(self, ret: int) -> int:
         return int(self._summary()[1][ret])

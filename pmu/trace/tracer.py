@@ -371,6 +371,7 @@ class Tracer(Breakpoints, Patches, Returns):
             task.remember_comm()
             self.fs_base(task)
             self.listener.task_exit(task)
+            self._free_shadow_row(task)  # its memory is still there at the exit stop
             self._resume(task)
             task.state = TaskState.EXITING
         else:

@@ -5,6 +5,7 @@ longjmp dropped and counted lost, recursion, the depth limit, latency histograms
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -59,6 +60,10 @@ def test_embedded_code_is_the_source_assembled() -> None:
     assert code == retprobe.CODE
     assert (symbols["entry"], symbols["ret_tramp"]) == (retprobe.ENTRY, retprobe.RET_TRAMP)
     assert symbols["skip_trap"] == retprobe.SKIP_TRAP
+    source = open(gen_retprobe.SOURCE).read()
+    for name in ("MAXDEPTH", "DROP_LIMIT", "R_FRAMES", "R_GRAVE", "S_ROWS", "A_HIST", "A_SUMNS", "A_USED"):
+        found = re.search(rf"\.equ {name}, (0x[0-9a-fA-F]+|\d+)", source)
+        assert found is not None and int(found.group(1), 0) == getattr(retprobe, name), name
     assert retprobe.CODE[retprobe.SKIP_TRAP : retprobe.SKIP_TRAP + 2] == b"\x66\x90"  # pmu's int3 goes there
 
 
