@@ -60,7 +60,8 @@ def test_embedded_code_is_the_source_assembled() -> None:
     assert code == retprobe.CODE
     assert (symbols["entry"], symbols["ret_tramp"]) == (retprobe.ENTRY, retprobe.RET_TRAMP)
     assert symbols["skip_trap"] == retprobe.SKIP_TRAP
-    source = open(gen_retprobe.SOURCE).read()
+    with open(gen_retprobe.SOURCE) as f:
+        source = f.read()
     for name in ("MAXDEPTH", "DROP_LIMIT", "R_FRAMES", "R_GRAVE", "S_ROWS", "A_HIST", "A_SUMNS", "A_USED"):
         found = re.search(rf"\.equ {name}, (0x[0-9a-fA-F]+|\d+)", source)
         assert found is not None and int(found.group(1), 0) == getattr(retprobe, name), name
