@@ -144,6 +144,15 @@ class Machine:
         return self.u64(AREA + retprobe.A_SKIPPED + 8 * RET)
 
 
+def _runs_right(m: Machine, rax: int, returns: int, lost: int) -> None:
+    """The program's result, the returns counted and the frames counted lost; the shadow stack empty."""
+    out = m.run()
+    assert out["rax"] == rax
+    assert m.count == returns
+    assert m.lost() == lost
+    assert m.depth == 0
+
+
 LOOP = """
     mov rcx, 10
 1:  push rcx
@@ -228,12 +237,7 @@ def test_a_frame_left_by_longjmp_is_dropped_and_counted_lost() -> None:
 4:  mov eax, 77
     ret
 """
-    m = Machine(caller, body)
-    out = m.run()
-    assert out["rax"] == 77
-    assert m.count == 1
-    assert m.lost() == 1
-    assert m.depth == 0
+    _runs_right(Machine(caller, body), rax=77, returns=1, lost=1)
 
 
 def test_a_return_above_frames_left_behind_drops_them() -> None:
@@ -252,12 +256,7 @@ def test_a_return_above_frames_left_behind_drops_them() -> None:
 5:  mov rsp, r12
     jmp r13
 """
-    m = Machine(caller, body)
-    out = m.run()
-    assert out["rax"] == 99
-    assert m.count == 1
-    assert m.lost() == 1
-    assert m.depth == 0
+    _runs_right(Machine(caller, body), rax=99, returns=1, lost=1)
 
 
 def test_a_tail_call_into_itself_keeps_the_outer_frame() -> None:
@@ -271,12 +270,7 @@ def test_a_tail_call_into_itself_keeps_the_outer_frame() -> None:
 7:  mov eax, 5
     ret
 """
-    m = Machine(caller, body)
-    out = m.run()
-    assert out["rax"] == 5
-    assert m.count == 2
-    assert m.lost() == 0
-    assert m.depth == 0
+    _runs_right(Machine(caller, body), rax=5, returns=2, lost=0)
 
 
 def test_latency_histogram() -> None:
@@ -341,12 +335,7 @@ def test_a_frame_dropped_from_below_another_stack_is_found_in_the_graveyard() ->
 8:  mov eax, 1
     ret
 """
-    m = Machine(caller, body)
-    out = m.run()
-    assert out["rax"] == 101
-    assert m.count == 2
-    assert m.lost() == 0
-    assert m.depth == 0
+    _runs_right(Machine(caller, body), rax=101, returns=2, lost=0)
 
 
 @pytest.mark.parametrize("entry_on", [True, False])
