@@ -544,9 +544,8 @@ class UprobePmu(PmuBase):
         """The Python side's latencies (int3 returns) and the histograms kept in the processes."""
         if not attr.latency:
             return None
-        out = Latency(
-            list(self._latency.get(attr, Latency()).buckets), self._latency.get(attr, Latency()).total_ns
-        )
+        mine = self._latency.get(attr, Latency())
+        out = Latency(list(mine.buckets), mine.total_ns)
         probe = self._probes.get(attr)
         if probe is not None:
             for area, ret in self._inprocess(probe):
@@ -591,14 +590,27 @@ class UprobePmu(PmuBase):
                     if entry.period and event.count % entry.period == 0:
                         self._sample(entry, task, addr, site=site)
 
-    def _entered(self, site: _Site, addr: int, task: TraceTask) -> None:
-        """Entry of a function with return probes: hijack its return if anything counts it."""
+    def _entered(
+        self,
+        site: _Site,
+        addr: int,
+        task: TraceTask,
+        slot: int | None = None,
+        registers: tuple[int, ...] | None = None,
+    ) -> None:
+        """Entry of a function with return probes: hijack its return if anything counts it. At the
+        entry's int3 its slot is RSP and its arguments the registers; at the return blob's skip trap
+        (`_skipped`) both are where the blob keeps them."""
         entries = site.by_tid.get(task.tid)
         if entries and any(e.running for e in entries):
             # --args of a return probe: the function's arguments, as they are at its entry
             nargs = max((e.nargs for e in entries if e.running and e.period), default=0)
-            args = self.tracer.arguments(task, nargs) if nargs else ()
-            self.tracer.hijack_return(task, functools.partial(self._returned, site, addr, args))
+            if registers is not None:
+                args = registers[:nargs]
+            else:
+                args = self.tracer.arguments(task, nargs) if nargs else ()
+            handler = functools.partial(self._returned, site, addr, args)
+            self.tracer.hijack_return(task, handler, rsp=slot)
 
     def _usdt_args(self, site: _Site, addr: int, task: TraceTask, n: int) -> tuple[int, ...]:
         """The first n arguments of a USDT probe at its site, from the thread's registers and memory."""
@@ -613,11 +625,7 @@ class UprobePmu(PmuBase):
         if found is None:
             return
         site, addr = found
-        entries = site.by_tid.get(task.tid)
-        if entries and any(e.running for e in entries):
-            nargs = max((e.nargs for e in entries if e.running and e.period), default=0)
-            handler = functools.partial(self._returned, site, addr, args[:nargs])
-            self.tracer.hijack_return(task, handler, rsp=slot)
+        self._entered(site, addr, task, slot, args)
 
     def _returned(
         self,

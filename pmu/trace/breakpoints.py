@@ -12,7 +12,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from pmu.errors import RelocationError, TraceError
-from pmu.trace import guard, inject, retprobe
+from pmu.trace import guard, inject
 from pmu.trace import ptrace_ops as pt
 from pmu.trace.maps import PAGE, free_gap_near
 from pmu.trace.relocate import SLOT_SIZE, build_slot
@@ -191,8 +191,7 @@ class Breakpoints:
             if guest is not None and guest.users <= 0:
                 patch.guest = None
                 if mm.returns is not None:  # the child's own descriptors: its entries not counted
-                    at = retprobe.A_DESCS + retprobe.DESC * patch.ret + retprobe.D_EBANK
-                    mm.returns.area.put(at, bytes(12))
+                    mm.returns.area.set_entry(patch.ret, 0, 0)
             if patch.users > 0 or patch.guest is not None:
                 if patch.users <= 0 and mm.counters is not None:
                     mm.counters.set_enabled(patch.column, False)  # a stub kept for its entry probe

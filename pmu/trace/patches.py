@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -332,16 +331,10 @@ class Patches:
         ebank, esite = self._bank_site(mm, column)
         mm.columns += 1
         guest = JumpPatch(host.addr, host.orig, host.tramp, column, host.moves)
-        self._set_entry(mm, host, ebank, esite)
+        assert mm.returns is not None
+        mm.returns.area.set_entry(host.ret, ebank, esite)
         host.guest = guest
         return guest
-
-    @staticmethod
-    def _set_entry(mm: AddressSpace, host: JumpPatch, ebank: int, esite: int) -> None:
-        """Point a return stub's descriptor at an entry probe's column (ebank 0: none)."""
-        assert mm.returns is not None
-        at = retprobe.A_DESCS + retprobe.DESC * host.ret + retprobe.D_EBANK
-        mm.returns.area.put(at, struct.pack("<QI", ebank, esite))
 
     def inprocess_returns(self, mm: AddressSpace, near: int) -> InProcessReturns:
         """mm's machinery for return probes served in the process (retprobe.py), made on first use with
@@ -412,8 +405,8 @@ class Patches:
             if guest.users > 0:
                 return
             host.guest = None
-            if not mm.dead:
-                self._set_entry(mm, host, 0, 0)
+            if not mm.dead and mm.returns is not None:
+                mm.returns.area.set_entry(host.ret, 0, 0)
             if host.users > 0:
                 return
         else:

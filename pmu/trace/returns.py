@@ -227,34 +227,33 @@ class Returns:
         regs = pt.get_regs(task.tid)
         saved = struct.unpack("<5Q", task.mm.read(regs.rsp, 40))  # r10, r9, r8, rdx, rcx
         args = (regs.rdi, regs.rsi, saved[3], saved[4], saved[2], saved[1])
-        ret = (regs.r11 - rp.area.address - retprobe.A_DESCS) // retprobe.DESC
-        self.on_skipped_entry(task, ret, regs.rsp + retprobe.SKIP_RSP, args)
+        self.on_skipped_entry(task, rp.area.ret_of(regs.r11), regs.rsp + retprobe.SKIP_RSP, args)
 
-    def _shadow_row(self, task: Task) -> int | None:
-        """Address of the task's row in mm's shadow area (found by its FS base), None if it has none."""
-        rp = task.mm.returns
-        if rp is None or task.mm.dead:
-            return None
-        fs = self.fs_base(task)
-        if not fs:
-            return None
-        keys = np.frombuffer(task.mm.read(rp.shadow, 8 * trampoline.NSLOTS), dtype="<u8")
-        found = np.flatnonzero(keys == fs)
-        if not len(found):
-            return None
-        return retprobe.row_address(rp.shadow, int(found[0]))
+    @staticmethod
+    def _shadow_rows(mm: AddressSpace, fs: int) -> list[int]:
+        """Indexes of the rows of mm's shadow area keyed by FS base fs."""
+        assert mm.returns is not None
+        keys = np.frombuffer(mm.read(mm.returns.shadow, 8 * trampoline.NSLOTS), dtype="<u8")
+        return [int(i) for i in np.flatnonzero(keys == fs)]
 
-    def _inprocess_frames(self, task: Task) -> tuple[int, list[tuple[int, int, int, int, int]]]:
-        """(the task's shadow row, its frames: (slot, orig, cell, descriptor, state)), innermost last."""
-        row = self._shadow_row(task)
-        if row is None:
-            return 0, []
-        mm = task.mm
+    @staticmethod
+    def _row_frames(mm: AddressSpace, row: int) -> list[tuple[int, int, int, int, int]]:
+        """The frames of the shadow row at `row`: (slot, orig, cell, descriptor, state), innermost last."""
         depth = min(int.from_bytes(mm.read(row, 8), "little"), retprobe.MAXDEPTH)
         if not depth:
-            return row, []
-        data = mm.read(row, retprobe.R_FRAMES + retprobe.FRAME * depth)
-        return row, retprobe.frames(data)
+            return []
+        return retprobe.frames(mm.read(row, retprobe.R_FRAMES + retprobe.FRAME * depth))
+
+    def _inprocess_frames(self, task: Task) -> tuple[int, list[tuple[int, int, int, int, int]]]:
+        """(the task's shadow row, found by its FS base, and its frames), (0, []) if it has none."""
+        mm = task.mm
+        rp = mm.returns
+        fs = self.fs_base(task) if rp is not None and not mm.dead else 0
+        rows = self._shadow_rows(mm, fs) if fs else []
+        if rp is None or not rows:
+            return 0, []
+        row = retprobe.row_address(rp.shadow, rows[0])
+        return row, self._row_frames(mm, row)
 
     def _restore_inprocess(self, task: Task, mark: bool = False) -> None:
         """Put the real return address back in every slot of the task's in-process frames that holds
@@ -311,14 +310,10 @@ class Returns:
         if any(t is not task and t.fs_base == fs and t.state not in gone for t in mm.tasks):
             return
         with contextlib.suppress(OSError):
-            keys = np.frombuffer(mm.read(rp.shadow, 8 * trampoline.NSLOTS), dtype="<u8")
-            for index in np.flatnonzero(keys == fs):
-                row = retprobe.row_address(rp.shadow, int(index))
-                depth = min(int.from_bytes(mm.read(row, 8), "little"), retprobe.MAXDEPTH)
-                if depth:  # frames it leaves (pthread_exit inside them): they never return
-                    data = mm.read(row, retprobe.R_FRAMES + retprobe.FRAME * depth)
-                    for slot, _orig, _cell, desc, _state in retprobe.frames(data):
-                        if 0 < slot < 1 << 63:
-                            rp.area.note_lost((desc - rp.area.address - retprobe.A_DESCS) // retprobe.DESC)
+            for index in self._shadow_rows(mm, fs):
+                row = retprobe.row_address(rp.shadow, index)
+                for slot, _orig, _cell, desc, _state in self._row_frames(mm, row):
+                    if 0 < slot < 1 << 63:  # a frame it leaves (pthread_exit inside it): never returns
+                        rp.area.note_lost(rp.area.ret_of(desc))
                 mm.write(row, bytes(16))
-                mm.write(rp.shadow + 8 * int(index), bytes(8))
+                mm.write(rp.shadow + 8 * index, bytes(8))

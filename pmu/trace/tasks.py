@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -314,6 +315,15 @@ class ReturnArea:
     def put(self, offset: int, data: bytes) -> None:
         assert self.mem is not None
         self.mem[offset : offset + len(data)] = data
+
+    def ret_of(self, desc: int) -> int:
+        """The return site whose descriptor is at `desc` (an address in the tracee)."""
+        return (desc - self.address - retprobe.A_DESCS) // retprobe.DESC
+
+    def set_entry(self, ret: int, ebank: int, esite: int) -> None:
+        """Point return site `ret`'s descriptor at an entry probe's column, which its stub then counts
+        (ebank 0: none)."""
+        self.put(retprobe.A_DESCS + retprobe.DESC * ret + retprobe.D_EBANK, struct.pack("<QI", ebank, esite))
 
     def fold(self) -> None:
         """One address space no longer writes it; the last: keep the summary, let the mapping go."""
